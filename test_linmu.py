@@ -1,0 +1,246 @@
+"""The specification of LinMU, as tests: each compares with an independent reference or checks a
+property that fails when the code is wrong. Tiny configurations only: the suite runs on 2 CPU cores."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import linmu
+from linmu import (FlexMA, KVCache, LocalSwin, LoRALinear, MixerConfig, MMATE, TokenLayout, add_lora, merge_lora,
+                   ssd_scan, trainable_parameters)
+
+
+# ----------------------------------------------------------------------------------------------
+# References written independently of linmu.py
+
+
+def naive_ssm(x, dt, A, B, C, state=None):
+    """The recurrence h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = h_t C_t, one step at a time."""
+    heads = x.shape[2]
+    B = B.repeat_interleave(heads // B.shape[2], dim=2)
+    C = C.repeat_interleave(heads // C.shape[2], dim=2)
+    h = torch.zeros(x.shape[0], heads, x.shape[3], B.shape[3], dtype=x.dtype) if state is None else state.clone()
+    ys = []
+    for t in range(x.shape[1]):
+        h = torch.exp(dt[:, t] * A)[..., None, None] * h + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", h, C[:, t]))
+    return torch.stack(ys, 1), h
+
+
+def rope_tables(positions, dim, theta=10000.0):
+    inv = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    angles = positions[..., None].double() * inv
+    angles = torch.cat([angles, angles], -1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def swin_groups(shape, window, shifted):
+    """Swin's own recipe for one grid: pad to whole windows, roll by -shift, label the regions, partition.
+
+    Returns, per real cell in row-major order, a label; equal labels = same attention window."""
+    win = [min(w, n) for w, n in zip(window, shape)]
+    shift = [w // 2 if shifted and n > w else 0 for w, n in zip(win, shape)]
+    padded = [math.ceil(n / w) * w for n, w in zip(shape, win)]
+    cell_id = torch.arange(math.prod(padded)).reshape(padded)
+    rolled = torch.roll(cell_id, shifts=[-s for s in shift], dims=(0, 1, 2))
+    region = torch.zeros(padded, dtype=torch.long)
+    slices = [[slice(None)] if s == 0 else [slice(0, -w), slice(-w, -s), slice(-s, None)] for w, s in zip(win, shift)]
+    count = 0
+    for a in slices[0]:
+        for b in slices[1]:
+            for c in slices[2]:
+                region[a, b, c] = count
+                count += 1
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n) for n in padded], indexing="ij"), -1)
+    window_index = grid // torch.tensor(win)
+    label = {}
+    for pos in grid.reshape(-1, 3).tolist():
+        i, j, k = pos
+        label[int(rolled[i, j, k])] = (tuple(window_index[i, j, k].tolist()), int(region[i, j, k]))
+    real = cell_id[: shape[0], : shape[1], : shape[2]].flatten().tolist()
+    return [label[c] for c in real]
+
+
+def dense_local_mask(visual, grids, window, text_window, shifted):
+    """The (L, L) boolean mask of Local-Swin for one sequence, built by hand from the definition."""
+    L = len(visual)
+    where = [i for i in range(L) if visual[i]]
+    group_of = {}
+    start = 0
+    for g, shape in enumerate(grids):
+        n = math.prod(shape)
+        for idx, lab in zip(where[start:start + n], swin_groups(shape, window, shifted)):
+            group_of[idx] = (g, lab)
+        start += n
+    mask = torch.zeros(L, L, dtype=torch.bool)
+    for i in range(L):
+        for j in range(L):
+            if visual[i]:
+                mask[i, j] = visual[j] and group_of[i] == group_of[j]
+            else:
+                mask[i, j] = 0 <= i - j < text_window
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. The chunked SSD scan
+
+
+SCAN_SHAPES = [  # batch, length, heads, head_dim, groups, state, chunk
+    (2, 37, 4, 3, 2, 5, 8),
+    (1, 1, 2, 2, 1, 3, 4),
+    (2, 64, 3, 4, 3, 2, 16),
+    (1, 50, 6, 2, 1, 4, 64),
+]
+
+
+def random_scan_inputs(batch, length, heads, head_dim, groups, state, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)
+    return (r(batch, length, heads, head_dim), torch.rand(batch, length, heads, generator=g, dtype=dtype),
+            -torch.rand(heads, generator=g, dtype=dtype) * 2, r(batch, length, groups, state),
+            r(batch, length, groups, state), r(batch, heads, head_dim, state))
+
+
+@pytest.mark.parametrize("shape", SCAN_SHAPES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_ssd_scan_matches_sequential_recurrence(shape, dtype, tol):
+    b, l, h, p, g, n, q = shape
+    x, dt, A, B, C, h0 = random_scan_inputs(b, l, h, p, g, n, dtype)
+    for init in (None, h0):
+        y, final = ssd_scan(x, dt, A, B, C, q, init)
+        ref_y, ref_final = naive_ssm(*(t.double() for t in (x, dt, A, B, C)), None if init is None else init.double())
+        assert y.dtype == dtype and y.shape == (b, l, h, p) and final.shape == (b, h, p, n)
+        assert (y.double() - ref_y).abs().max() <= tol * ref_y.abs().max()
+        assert (final.double() - ref_final).abs().max() <= tol * ref_final.abs().max()
+
+
+def test_ssd_scan_in_two_pieces_equals_one_pass():
+    x, dt, A, B, C, _ = random_scan_inputs(2, 45, 4, 3, 2, 5, torch.float64)
+    y, final = ssd_scan(x, dt, A, B, C, 8)
+    y1, state = ssd_scan(x[:, :19], dt[:, :19], A, B[:, :19], C[:, :19], 8)
+    y2, final2 = ssd_scan(x[:, 19:], dt[:, 19:], A, B[:, 19:], C[:, 19:], 8, state)
+    assert torch.allclose(torch.cat([y1, y2], 1), y, rtol=0, atol=1e-12)
+    assert torch.allclose(final2, final, rtol=0, atol=1e-12)
+
+
+def test_ssd_scan_long_sequence_with_strong_decay_stays_finite_and_exact():
+    x, dt, A, B, C, _ = random_scan_inputs(1, 3000, 2, 2, 1, 2, torch.float64)
+    A = A * 50  # exp(dt*A) underflows within a few steps; a naive exp of a long cumsum would overflow
+    y, _ = ssd_scan(x, dt, A, B, C, 256)
+    ref, _ = naive_ssm(x, dt, A, B, C)
+    assert torch.isfinite(y).all() and (y - ref).abs().max() <= 1e-10 * ref.abs().max()
+
+
+def test_ssd_scan_bf16_accumulates_in_float32():
+    x, dt, A, B, C, _ = random_scan_inputs(1, 200, 2, 4, 1, 4, torch.float32)
+    y, final = ssd_scan(x.bfloat16(), dt.bfloat16(), A, B.bfloat16(), C.bfloat16(), 32)
+    ref, _ = naive_ssm(*(t.bfloat16().double() for t in (x, dt)), A.double(), *(t.bfloat16().double() for t in (B, C)))
+    assert y.dtype == torch.bfloat16 and final.dtype == torch.float32
+    assert (y.double() - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+def test_ssd_scan_gradients():
+    x, dt, A, B, C, h0 = random_scan_inputs(1, 11, 2, 2, 1, 3, torch.float64)
+    inputs = tuple(t.requires_grad_() for t in (x, dt, A, B, C, h0))
+    assert torch.autograd.gradcheck(lambda *a: ssd_scan(*a[:5], 4, a[5]), inputs)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Flex-MA
+
+
+def causal_depthwise_conv(seq, conv, anti=False):
+    """out_t = sum_k w_k seq_{t-(K-1)+k} (causal), or seq_{t+(K-1)-k} (anti-causal), zeros outside."""
+    w, K, L = conv.weight[:, 0], conv.kernel_size[0], seq.shape[1]
+    out = conv.bias.expand_as(seq).clone()
+    for t in range(L):
+        for k in range(K):
+            src = t + (K - 1) - k if anti else t - (K - 1) + k
+            if 0 <= src < L:
+                out[:, t] += w[:, k] * seq[:, src]
+    return out
+
+
+def flex_reference(flex, u, visual):
+    """Flex-MA from its definition: forward sum over s <= t, backward over visual s > t, O(L^2) loops."""
+    H, P = flex.heads, flex.head_dim
+    z, xBC, dt = (u @ flex.in_proj.weight.T).split([flex.d_inner, flex.conv_dim, H], -1)
+    dt = F.softplus(dt + flex.dt_bias)
+    A = -flex.A_log.exp()
+    keep = visual[..., None].to(u.dtype)
+
+    def feats(t):
+        x, B, C = F.silu(t).split([flex.d_inner] * 3, -1)
+        return x.unflatten(-1, (H, P)), B.unflatten(-1, (H, -1)), C.unflatten(-1, (H, -1))
+
+    x, B, C = feats(causal_depthwise_conv(xBC, flex.conv_forward))
+    xb, Bb, Cb = feats(causal_depthwise_conv(xBC * keep, flex.conv_backward, anti=True))
+    L = u.shape[1]
+    y = torch.zeros_like(x)
+    for t in range(L):
+        for s in range(L):
+            if s <= t:
+                decay = torch.exp(A * dt[:, s + 1:t + 1].sum(1))  # (B, H)
+                y[:, t] += ((C[:, t] * B[:, s]).sum(-1) * dt[:, s] * decay)[..., None] * x[:, s]
+            elif visual[0, t] and visual[0, s]:
+                decay = torch.exp(A * (dt[:, t:s] * keep[:, t:s]).sum(1))
+                y[:, t] += ((Cb[:, t] * Bb[:, s]).sum(-1) * dt[:, s] * decay)[..., None] * xb[:, s]
+    y = y + flex.D[:, None] * x
+    g = y * F.silu(z + flex.z_bias).unflatten(-1, (H, P))
+    g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + flex.norm.eps) * flex.norm.weight
+    return g.flatten(2) @ flex.out_proj.weight.T
+
+
+def tiny_flex(seed=0, chunk=4):
+    torch.manual_seed(seed)
+    flex = FlexMA(d_model=12, heads=2, head_dim=3, cfg=MixerConfig(chunk_size=chunk, conv_kernel=3)).double()
+    with torch.no_grad():  # move every parameter off its special initial value
+        for p in flex.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return flex
+
+
+VISUAL = torch.tensor([[0, 1, 1, 1, 0, 0, 1, 1, 1, 1, 0, 1, 0, 0, 0]], dtype=torch.bool)
+
+
+def test_flex_ma_matches_its_definition():
+    flex = tiny_flex()
+    u = torch.randn(1, VISUAL.shape[1], 12, dtype=torch.float64)
+    out, _ = flex(u, VISUAL)
+    assert torch.allclose(out, flex_reference(flex, u, VISUAL), rtol=0, atol=1e-10)
+
+
+def test_flex_ma_text_is_causal_and_visual_is_bidirectional():
+    flex = tiny_flex()
+    u = torch.randn(1, VISUAL.shape[1], 12, dtype=torch.float64)
+    base, _ = flex(u, VISUAL)
+    for changed in range(VISUAL.shape[1]):
+        v = u.clone()
+        v[:, changed] += 1.0
+        out, _ = flex(v, VISUAL)
+        moved = (out - base).abs().amax(-1)[0] > 1e-9
+        if not VISUAL[0, changed]:  # a text token influences no earlier position
+            assert not moved[:changed].any(), changed
+        else:  # a visual token reaches every earlier visual token, and no earlier text token
+            assert moved[:changed][VISUAL[0, :changed]].all(), changed
+            assert not moved[:changed][~VISUAL[0, :changed]].any(), changed
+        assert moved[changed:].any()
+
+
+def test_flex_ma_prefill_then_steps_equals_full_pass():
+    flex = tiny_flex()
+    visual = torch.cat([VISUAL, torch.zeros(1, 6, dtype=torch.bool)], 1)
+    u = torch.randn(2, visual.shape[1], 12, dtype=torch.float64)
+    full, final = flex(u, visual.expand(2, -1))
+    prompt = VISUAL.shape[1]
+    out, cache = flex(u[:, :prompt], VISUAL.expand(2, -1))
+    steps = [out]
+    for t in range(prompt, visual.shape[1]):
+        out, cache = flex.step(u[:, t:t + 1], cache)
+        steps.append(out)
+    assert torch.allclose(torch.cat(steps, 1), full, rtol=0, atol=1e-10)
+    assert torch.allclose(cache.ssm, final.ssm.double(), rtol=0, atol=1e-10)
