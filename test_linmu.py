@@ -244,3 +244,143 @@ def test_flex_ma_prefill_then_steps_equals_full_pass():
         steps.append(out)
     assert torch.allclose(torch.cat(steps, 1), full, rtol=0, atol=1e-10)
     assert torch.allclose(cache.ssm, final.ssm.double(), rtol=0, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Local-Swin
+
+
+def make_sequence(pieces):
+    """pieces: ints (that many text tokens) and (frames, rows, cols) grids -> visual mask and grids."""
+    visual, grids = [], []
+    for piece in pieces:
+        if isinstance(piece, int):
+            visual += [False] * piece
+        else:
+            grids.append(piece)
+            visual += [True] * math.prod(piece)
+    return torch.tensor(visual), grids
+
+
+def layout_of(visual, grids, batch=1):
+    ids = visual.long()[None].expand(batch, -1)  # image token id 1, text 0
+    return TokenLayout.build(ids, 1, [grids] * batch)
+
+
+def dense_swin_reference(swin, x, layout, mask):
+    """Full (L, L) attention with an explicit boolean mask, with the layer's own weights."""
+    H, Hkv, Dh = swin.heads, swin.kv_heads, swin.head_dim
+    cos, sin = rope_tables(layout.positions, Dh)
+    q = linmu.apply_rotary((x @ swin.q_proj.weight.T).unflatten(-1, (H, Dh)), cos, sin).transpose(1, 2)
+    k = linmu.apply_rotary((x @ swin.k_proj.weight.T).unflatten(-1, (Hkv, Dh)), cos, sin).transpose(1, 2)
+    v = (x @ swin.v_proj.weight.T).unflatten(-1, (Hkv, Dh)).transpose(1, 2)
+    k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(Dh)
+    out = scores.masked_fill(~mask, -math.inf).softmax(-1) @ v
+    return out.transpose(1, 2).flatten(2) @ swin.o_proj.weight.T
+
+
+SWIN_CASES = {
+    "image tiles": [3, (1, 4, 4), 2, (1, 4, 4), 1, (1, 3, 5), 2],
+    "video": [5, (5, 6, 7), 3],
+    "text only": [37],
+    "mixed, small grids": [2, (1, 2, 3), 4, (3, 2, 2), 9, (1, 1, 1), 6],
+    "video frames with text between": [4, (6, 5, 5), 11],
+}
+
+
+@pytest.mark.parametrize("case", SWIN_CASES)
+@pytest.mark.parametrize("shifted", [False, True])
+def test_local_swin_matches_dense_masked_attention(case, shifted):
+    torch.manual_seed(0)
+    cfg = MixerConfig(window_frames=2, window_rows=4, window_cols=4, text_window=7)
+    swin = LocalSwin(d_model=16, heads=4, kv_heads=2, head_dim=4, cfg=cfg, shifted=shifted)
+    visual, grids = make_sequence(SWIN_CASES[case])
+    layout = layout_of(visual, grids, batch=2)
+    x = torch.randn(2, len(visual), 16)
+    out, _ = swin(x, layout, rope_tables(layout.positions, 4))
+    mask = dense_local_mask(visual.tolist(), grids, (2, 4, 4), 7, shifted)
+    assert torch.allclose(out, dense_swin_reference(swin, x, layout, mask), rtol=0, atol=1e-5)
+
+
+def test_local_swin_decoding_keeps_a_fixed_window():
+    torch.manual_seed(0)
+    cfg = MixerConfig(text_window=5)
+    swin = LocalSwin(d_model=16, heads=4, kv_heads=2, head_dim=4, cfg=cfg, shifted=True)
+    visual, grids = make_sequence([3, (2, 4, 4), 2, 12])
+    prompt = len(visual) - 12
+    layout = layout_of(visual, grids)
+    x = torch.randn(1, len(visual), 16)
+    full, _ = swin(x, layout, rope_tables(layout.positions, 4))
+    out, cache = swin(x[:, :prompt], layout_of(visual[:prompt], grids), rope_tables(layout.positions[:, :prompt], 4))
+    steps = [out]
+    for t in range(prompt, len(visual)):
+        out, cache = swin.step(x[:, t:t + 1], rope_tables(layout.positions[:, t:t + 1], 4), cache)
+        assert cache.k.shape[2] == 4  # text_window - 1 entries, whatever the context length
+        steps.append(out)
+    assert torch.allclose(torch.cat(steps, 1), full, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. M-MATE
+
+
+@pytest.mark.parametrize("branches", ["both", "flex", "swin"])
+def test_mmate_prefill_then_decoding_equals_full_pass(branches):
+    torch.manual_seed(0)
+    cfg = MixerConfig(chunk_size=8, text_window=6, branches=branches)
+    layer = MMATE(d_model=16, heads=4, kv_heads=2, head_dim=4, cfg=cfg, shifted=True).double()
+    with torch.no_grad():
+        layer.gate.weight.normal_()  # a gate that really varies per token
+    visual, grids = make_sequence([3, (2, 4, 4), 2, (1, 4, 4), 4, 9])
+    prompt = len(visual) - 9
+    layout = layout_of(visual, grids, batch=2)
+    x = torch.randn(2, len(visual), 16, dtype=torch.float64)
+    rope = lambda a, b: tuple(t.double() for t in rope_tables(layout.positions[:, a:b], 4))
+    full, _ = layer(x, layout, rope(0, None))
+    out, cache = layer(x[:, :prompt], layout_of(visual[:prompt], grids, batch=2), rope(0, prompt))
+    new, _ = layer(x[:, prompt:], TokenLayout.text(2, 9, start=prompt), rope(prompt, None), cache)
+    assert torch.allclose(torch.cat([out, new], 1), full, rtol=0, atol=1e-10)
+
+
+def test_mmate_refuses_to_decode_visual_tokens():
+    layer = MMATE(d_model=16, heads=4, kv_heads=2, head_dim=4, cfg=MixerConfig(), shifted=False)
+    visual, grids = make_sequence([2, (1, 2, 2)])
+    layout = layout_of(visual, grids)
+    rope = rope_tables(layout.positions, 4)
+    _, cache = layer(torch.randn(1, 6, 16), layout, rope)
+    with pytest.raises(ValueError, match="decodes text tokens only"):
+        layer(torch.randn(1, 6, 16), layout, rope, cache)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. LoRA
+
+
+def test_lora_starts_equal_merges_exactly_and_trains_only_adapters():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(5, 8)
+    before = model(x)
+    wrapped = add_lora(model, ["0", "2"], rank=2, alpha=4.0)
+    assert wrapped == ["0", "2"] and torch.equal(model(x), before)  # B = 0: the base model at step 0
+    assert sorted(trainable_parameters(model)) == ["0.lora_A", "0.lora_B", "2.lora_A", "2.lora_B"]
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_()
+    adapted = model(x)
+    assert not torch.allclose(adapted, before)
+    base_weight = model[0].base.weight.clone()
+    model[0].merge()
+    assert torch.allclose(model(x), adapted, atol=1e-6)
+    model[0].unmerge()
+    assert torch.allclose(model[0].base.weight, base_weight, atol=1e-6)
+    merge_lora(model)
+    assert isinstance(model[0], nn.Linear) and torch.allclose(model(x), adapted, atol=1e-6)
+    assert sorted(n for n, _ in model.named_parameters()) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+
+
+def test_add_lora_names_a_missing_target():
+    with pytest.raises(ValueError, match="no nn.Linear named like"):
+        add_lora(nn.Sequential(nn.Linear(2, 2)), ["mlp.up_proj"])
