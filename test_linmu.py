@@ -384,3 +384,30 @@ def test_lora_starts_equal_merges_exactly_and_trains_only_adapters():
 def test_add_lora_names_a_missing_target():
     with pytest.raises(ValueError, match="no nn.Linear named like"):
         add_lora(nn.Sequential(nn.Linear(2, 2)), ["mlp.up_proj"])
+
+
+def test_mmate_cost_grows_linearly_while_attention_grows_quadratically():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    layer = MMATE(d_model=32, heads=4, kv_heads=2, head_dim=8, cfg=MixerConfig(chunk_size=16, text_window=16), shifted=True)
+
+    def flops(fn):  # the math SDPA backend decomposes into matmuls, which the counter sees
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            fn()
+        return counter.get_total_flops()
+
+    def mixer_flops(frames):
+        visual, grids = make_sequence([5, (frames, 8, 8), 40])
+        layout = layout_of(visual, grids)
+        return flops(lambda: layer(torch.randn(1, len(visual), 32), layout, rope_tables(layout.positions, 8)))
+
+    def attention_flops(length):
+        q = torch.randn(1, 4, length, 8)
+        return flops(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True))
+
+    mixer_ratio = mixer_flops(16) / mixer_flops(8)  # 1069 vs 557 tokens
+    attention_ratio = attention_flops(2048) / attention_flops(1024)
+    assert 1.8 < mixer_ratio < 2.0, mixer_ratio  # 1069 / 557 = 1.92
+    assert attention_ratio > 3.9, attention_ratio
