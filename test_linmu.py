@@ -1,14 +1,20 @@
 """The specification of LinMU, as tests: each compares with an independent reference or checks a
 property that fails when the code is wrong. Tiny configurations only: the suite runs on 2 CPU cores."""
 
+import json
 import math
+import random
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
+from torchvision.transforms.v2 import functional as TF
 
 import linmu
+import processing as P
 from linmu import (FlexMA, KVCache, LocalSwin, LoRALinear, MixerConfig, MMATE, TokenLayout, add_lora, merge_lora,
                    ssd_scan, trainable_parameters)
 
@@ -411,3 +417,250 @@ def test_mmate_cost_grows_linearly_while_attention_grows_quadratically():
     attention_ratio = attention_flops(2048) / attention_flops(1024)
     assert 1.8 < mixer_ratio < 2.0, mixer_ratio  # 1069 / 557 = 1.92
     assert attention_ratio > 3.9, attention_ratio
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Input preparation (processing.py), against transformers' own SmolVLMProcessor
+
+
+SPECIAL_TOKENS = (["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<global-img>"]
+                  + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+                  + ["<fake_token_around_image>", "<image>", "<end_of_utterance>"])
+
+# SmolVLM2-256M-Video-Instruct's preprocessor_config.json and processor_config.json values.
+PREPROCESSOR_CONFIG = {
+    "do_convert_rgb": True, "do_image_splitting": True, "do_normalize": True, "do_pad": True,
+    "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+    "image_processor_type": "SmolVLMImageProcessor", "processor_class": "SmolVLMProcessor",
+    "max_image_size": {"longest_edge": 512}, "resample": 1, "rescale_factor": 0.00392156862745098,
+    "size": {"longest_edge": 2048},
+    "video_sampling": {"fps": 1, "max_frames": 64, "video_size": {"longest_edge": 512}},
+}
+
+
+def write_checkpoint(directory, processor_config=True):
+    """A tiny SmolVLM2-style checkpoint folder: byte-level tokenizer plus the real processor configs."""
+    vocab = {}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|im_start|>", "eos_token": "<end_of_utterance>", "pad_token": "<|im_end|>",
+        "unk_token": "<|endoftext|>", "clean_up_tokenization_spaces": False,
+        "extra_special_tokens": {"end_of_utterance_token": "<end_of_utterance>",
+                                 "fake_image_token": "<fake_token_around_image>",
+                                 "global_image_token": "<global-img>", "image_token": "<image>"},
+        "processor_class": "SmolVLMProcessor", "tokenizer_class": "PreTrainedTokenizerFast"}))
+    (directory / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG))
+    if processor_config:
+        (directory / "processor_config.json").write_text(
+            json.dumps({"image_seq_len": 64, "processor_class": "SmolVLMProcessor"}))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("smolvlm2"))
+
+
+@pytest.fixture(scope="module")
+def processor(checkpoint):
+    return P.Processor.from_pretrained(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """transformers' SmolVLMProcessor (test-only oracle) and the chat template it uses for SmolVLM2."""
+    pytest.importorskip("num2words")  # SmolVLMProcessor refuses to start without it
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
+    return transformers.AutoProcessor.from_pretrained(checkpoint), DEFAULT_CHAT_TEMPLATE
+
+
+def random_image(height, width, seed):
+    """A smooth random uint8 RGB image (upsampled noise, so resampling filters see real structure)."""
+    g = torch.Generator().manual_seed(seed)
+    small = torch.rand(1, 3, max(height // 8, 2), max(width // 8, 2), generator=g)
+    return torch.nn.functional.interpolate(small, size=(height, width), mode="bilinear")[0].mul(255).round().byte()
+
+
+def write_frames(folder, count, height=24, width=40):
+    folder.mkdir()
+    frames = [random_image(height, width, seed=k) for k in range(count)]
+    for k, frame in enumerate(frames):
+        TF.to_pil_image(frame).save(folder / f"frame_{k:04d}.png")
+    return torch.stack(frames)
+
+
+# ----------------------------------------------------------------------------------------------
+# Against transformers
+
+
+def test_images_match_transformers(processor, reference):
+    ref, template = reference
+    images = [random_image(300, 451, seed=0), random_image(700, 200, seed=1)]  # wide and tall: both split
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare  these:\n"},
+                                             {"type": "image"}]}]
+    text = ref.apply_chat_template(messages, add_generation_prompt=True, chat_template=template)
+    assert P.apply_chat_template(messages) == text
+    expected = ref(text=text, images=[images], return_tensors="pt")
+    ours = processor(messages, images=images)
+    assert torch.equal(ours["input_ids"], expected["input_ids"])
+    n = len(ours["pixel_values"])
+    assert n == 13 + 9  # 3 x 4 tiles + global, 4 x 2 tiles + global
+    assert (ours["pixel_values"] - expected["pixel_values"][0, :n]).abs().max() < 1e-5
+    assert torch.equal(ours["pixel_attention_mask"], expected["pixel_attention_mask"][0, :n].bool())
+
+
+def test_unsplit_image_matches_transformers(processor, reference):
+    ref, _ = reference
+    cfg = replace(processor.cfg, do_image_splitting=False)
+    image = random_image(90, 61, seed=2)
+    tiles, rows, cols = P.image_tiles(image, cfg)
+    expected = ref.image_processor(images=[[image]], do_image_splitting=False, return_tensors="pt")
+    assert (rows, cols) == (0, 0)
+    assert (P.normalize(tiles, cfg) - expected["pixel_values"][0]).abs().max() < 1e-5
+
+
+def test_video_matches_transformers(processor, reference, tmp_path):
+    from transformers.video_utils import VideoMetadata
+    ref, template = reference
+    write_frames(tmp_path / "clip", 30)
+    video = P.load_video(tmp_path / "clip", fps=1.0, max_frames=8, folder_fps=2.0)  # 15 s clip, 8 frames
+    assert len(video.frames) == 8 and video.duration == 15.0
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
+    text = ref.apply_chat_template(messages, add_generation_prompt=True, chat_template=template)
+    assert P.apply_chat_template(messages) == text
+    indices = [round(t * 2.0) for t in video.timestamps]
+    metadata = VideoMetadata(total_num_frames=30, fps=2.0, duration=15.0, frames_indices=indices)
+    expected = ref(text=text, videos=[video.frames], video_metadata=[metadata], do_sample_frames=False,
+                   return_tensors="pt")
+    ours = processor(messages, video=video)
+    assert torch.equal(ours["input_ids"], expected["input_ids"])
+    assert (ours["pixel_values"] - expected["pixel_values"][0]).abs().max() < 1e-5
+    assert ours["grids"] == [[(8, 8, 8)]]
+
+
+def test_frame_sampling_matches_transformers(reference):
+    from transformers.video_utils import VideoMetadata
+    sample_frames = reference[0].video_processor.sample_frames
+    rng = random.Random(0)
+    for _ in range(300):
+        total, source_fps = rng.randint(1, 4000), rng.choice([0.5, 1, 2, 24, 29.97, 30])
+        fps, max_frames = rng.choice([0.5, 1, 2]), rng.choice([1, 8, 64, 256])
+        metadata = VideoMetadata(total_num_frames=total, fps=source_fps, duration=total / source_fps)
+        expected = sample_frames(metadata, num_frames=max_frames, fps=fps).tolist()
+        assert P.sample_frame_indices(total, source_fps, total / source_fps, fps, max_frames) == expected
+
+
+def test_number_to_words_matches_num2words():
+    num2words = pytest.importorskip("num2words").num2words
+    for n in list(range(1200)) + [1999, 2024, 10001, 100100, 123456, 1000001, 1050000, 987654321]:
+        assert P.number_to_words(n) == num2words(n)
+
+
+# ----------------------------------------------------------------------------------------------
+# Without an oracle
+
+
+def test_prompt_layout(processor):
+    assert P.number_to_words(64) == "sixty-four"
+    assert P.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}]) \
+        == "<|im_start|>User:<image>Describe.<end_of_utterance>\nAssistant:"
+    assert P.image_prompt(0, 0, 2) == "<fake_token_around_image><global-img><image><image><fake_token_around_image>"
+    assert P.image_prompt(1, 2, 1) == ("<fake_token_around_image><row_1_col_1><image>"
+                                       "<fake_token_around_image><row_1_col_2><image>\n\n"
+                                       "<fake_token_around_image><global-img><image><fake_token_around_image>")
+    assert P.video_prompt([0.0, 61.5], 62.9, 1).startswith(
+        "You are provided the following series of two frames from a 0:01:02 [H:MM:SS] video.\n"
+        "\nFrame from 00:00:<fake_token_around_image>")
+    assert "\nFrame from 01:01:" in P.video_prompt([0.0, 61.5], 62.9, 1)
+
+
+def test_grids_cover_image_tokens(processor, tmp_path):
+    from linmu import TokenLayout
+    write_frames(tmp_path / "clip", 5)
+    video = P.load_video(tmp_path / "clip")
+    out = processor("<|im_start|>User:<image> and <video> then <image><end_of_utterance>\nAssistant:",
+                    images=[random_image(40, 90, seed=3), random_image(64, 64, seed=4)], video=video)
+    grids = out["grids"][0]
+    n_tokens = int((out["input_ids"] == processor.image_token_id).sum())
+    assert sum(f * r * c for f, r, c in grids) == n_tokens
+    assert sum(f for f, _, _ in grids) == len(out["pixel_values"]) == 9 + 5 + 17
+    assert grids[9] == (5, 8, 8) and all(g == (1, 8, 8) for g in grids[:9] + grids[10:])
+    layout = TokenLayout.build(out["input_ids"], processor.image_token_id, out["grids"])
+    assert int(layout.visual.sum()) == n_tokens
+    assert out["pixel_values"].dtype == torch.float32 and out["pixel_attention_mask"].dtype == torch.bool
+
+
+def test_collate_right_pads(processor):
+    a = processor([{"role": "user", "content": "Hi"}])
+    b = processor([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}],
+                  images=[random_image(32, 32, seed=5)])
+    batch = processor.collate([a, b])
+    la, lb = a["input_ids"].shape[1], b["input_ids"].shape[1]
+    assert batch["input_ids"].shape == (2, lb) and lb > la
+    assert torch.equal(batch["input_ids"][0, :la], a["input_ids"][0])
+    assert (batch["input_ids"][0, la:] == processor.pad_token_id).all()
+    assert batch["attention_mask"].sum(1).tolist() == [la, lb]
+    assert batch["pixel_values"].shape == (17, 3, 512, 512) and batch["pixel_attention_mask"].shape == (17, 512, 512)
+    assert batch["grids"] == [[], [(1, 8, 8)] * 17]
+
+
+def test_tokens_and_decode(processor):
+    assert processor.image_seq_len == 64 and processor.grid_side == 8
+    assert processor.eos_token_id == processor.tokenizer.token_to_id("<end_of_utterance>")
+    ids = processor("<|im_start|>User: hello<end_of_utterance>\nAssistant: héllo")["input_ids"][0]
+    assert processor.decode(ids) == "User: hello\nAssistant: héllo"
+    with pytest.raises(ValueError, match="placeholders"):
+        processor("<image> and <image>", images=[random_image(8, 8, seed=6)])
+
+
+def test_image_seq_len_from_model_config(tmp_path):
+    directory = write_checkpoint(tmp_path, processor_config=False)
+    (directory / "config.json").write_text(json.dumps(
+        {"scale_factor": 2, "vision_config": {"image_size": 384, "patch_size": 16}}))
+    assert P.Processor.from_pretrained(directory).image_seq_len == 144
+
+
+def test_folder_video_sampling(tmp_path):
+    frames = write_frames(tmp_path / "clip", 10)
+    video = P.load_video(tmp_path / "clip", fps=1.0, folder_fps=2.0)  # 10 frames at 2 fps: a 5 s clip
+    assert video.duration == 5.0 and video.timestamps == [0.0, 1.0, 2.0, 3.0, 4.5]
+    assert torch.equal(video.frames, frames[[0, 2, 4, 6, 9]])
+    frames = write_frames(tmp_path / "long", 100, 8, 8)
+    video = P.load_video(tmp_path / "long", fps=1.0, max_frames=80)  # beyond SmolVLM2's 64
+    assert len(video.frames) == 80 and video.timestamps[0] == 1.0  # long clip: the first second is skipped
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="image file not found"):
+        P.load_image(tmp_path / "nope.jpg")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot decode image"):
+        P.load_image(tmp_path / "bad.png")
+    with pytest.raises(FileNotFoundError, match="video not found"):
+        P.load_video(tmp_path / "nope.mp4")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no frame images"):
+        P.load_video(tmp_path / "empty")
+    (tmp_path / "clip.mp4").write_bytes(b"")
+    try:
+        import torchcodec  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="torchcodec"):
+            P.load_video(tmp_path / "clip.mp4")
+
+
+def test_load_image_converts_to_rgb(processor, tmp_path):
+    gray = random_image(20, 30, seed=7)[:1]
+    TF.to_pil_image(gray).save(tmp_path / "gray.png")
+    TF.to_pil_image(torch.cat([random_image(20, 30, seed=8), gray])).save(tmp_path / "rgba.png")
+    assert torch.equal(P.load_image(tmp_path / "gray.png"), gray.expand(3, -1, -1))
+    assert P.load_image(tmp_path / "rgba.png").shape == (3, 20, 30)
+    out = processor("<image>", images=[tmp_path / "gray.png"])  # paths are loaded with load_image
+    assert out["grids"] == [[(1, 8, 8)] * 13]  # 3 x 4 tiles + global
