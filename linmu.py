@@ -16,11 +16,17 @@ G the number of B/C groups, D the model width.
 
 from __future__ import annotations
 
+import argparse
+import copy
+import json
 import math
-from dataclasses import dataclass, field
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 
@@ -126,7 +132,9 @@ class TokenLayout:
 
 @dataclass
 class KVCache:
-    """Keys and values kept for decoding: (B, heads, T, Dh), after RoPE."""
+    """Keys (after RoPE) and values kept for decoding: (B, heads, T, Dh).
+
+    The teacher keeps its kv heads for every token so far; Local-Swin all heads, for its window only."""
 
     k: Tensor
     v: Tensor
@@ -596,3 +604,699 @@ def merge_lora(model: nn.Module) -> None:
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The parameters an optimizer should see: name -> parameter, for those with requires_grad."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. The vision-language model (SmolVLM2)
+#
+# SmolVLM2 (Hugging Face's SmolVLM / Idefics3 family) is the teacher: a SigLIP vision encoder turns
+# each 512x512 frame into 32x32 patch features, a pixel-shuffle connector folds every s x s block
+# of them into one token of the Llama-style SmolLM2 decoder. Parameter names mirror the Hub
+# checkpoint keys exactly, so a checkpoint loads with no key mapping.
+
+SUPPORTED_MODEL_TYPES = ("smolvlm", "idefics3")
+
+
+@dataclass
+class VisionConfig:
+    """SigLIP encoder sizes. Defaults are the ones transformers applies when config.json omits a key."""
+
+    hidden_size: int = 1152
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "gelu_pytorch_tanh"
+    layer_norm_eps: float = 1e-6
+
+
+@dataclass
+class TextConfig:
+    """Llama decoder sizes. Defaults are the ones transformers applies when config.json omits a key
+    (num_key_value_heads defaults to num_attention_heads, head_dim to hidden_size // num_attention_heads)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    hidden_act: str = "silu"
+
+    def __post_init__(self):
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class VLMConfig:
+    """The whole model: vision and text sizes, the connector's scale_factor, the image placeholder token.
+
+    dtype is the dtype the checkpoint's tensors are stored in (written back by save_model);
+    linmu is set for a LinMU student, whose decoder attention layers are M-MATE mixers.
+    """
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    scale_factor: int = 2
+    image_token_id: int = 128257
+    tie_word_embeddings: bool = False
+    model_type: str = "smolvlm"
+    dtype: str = "float32"
+    linmu: MixerConfig | None = None
+
+    @property
+    def image_seq_len(self) -> int:
+        """Decoder tokens per image (frame): (image_size / patch_size)^2 / scale_factor^2."""
+        return (self.vision.image_size // self.vision.patch_size) ** 2 // self.scale_factor**2
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> VLMConfig:
+        """Read a Hugging Face SmolVLM/Idefics3 config.json (transformers 4.x or 5.x form); unknown keys are ignored."""
+        model_type = d.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"unsupported architecture model_type={model_type!r}: only {SUPPORTED_MODEL_TYPES} "
+                             "(SmolVLM / Idefics3 checkpoints) are supported")
+        vision_d, text_d = d.get("vision_config", {}), d.get("text_config", {})
+        if text_d.get("model_type", "llama") != "llama":
+            raise ValueError(f"unsupported text model_type={text_d['model_type']!r}: "
+                             "only a 'llama' decoder is supported")
+        # transformers 5.x writes rope_parameters {"rope_theta", "rope_type"}; 4.x wrote rope_theta / rope_scaling
+        rope = text_d.get("rope_parameters") or text_d.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"unsupported RoPE scaling {rope_type!r}: "
+                             "only plain RoPE (rope_type 'default') is implemented")
+        vision = VisionConfig(**{k: vision_d[k] for k in VisionConfig.__dataclass_fields__ if k in vision_d})
+        text = TextConfig(**{k: text_d[k] for k in TextConfig.__dataclass_fields__ if k in text_d})
+        text.rope_theta = float(rope.get("rope_theta", text_d.get("rope_theta", text.rope_theta)))
+        for name, act, supported in (("vision", vision.hidden_act, "gelu_pytorch_tanh"),
+                                     ("text", text.hidden_act, "silu")):
+            if act != supported:
+                raise ValueError(f"unsupported {name} hidden_act {act!r}: only {supported!r} is implemented")
+        for flag in ("attention_bias", "mlp_bias"):
+            if text_d.get(flag):
+                raise ValueError(f"unsupported text_config.{flag}=true: "
+                                 "only bias-free Llama projections are implemented")
+        return cls(vision=vision, text=text,
+                   scale_factor=d.get("scale_factor", cls.scale_factor),
+                   image_token_id=d.get("image_token_id", cls.image_token_id),
+                   tie_word_embeddings=d.get("tie_word_embeddings", cls.tie_word_embeddings),
+                   model_type=model_type,
+                   dtype=str(d.get("dtype") or d.get("torch_dtype") or cls.dtype),
+                   linmu=MixerConfig(**d["linmu"]) if d.get("linmu") is not None else None)
+
+    def to_hf_dict(self) -> dict:
+        """The config.json transformers reads (5.x form), plus a "linmu" entry for a student."""
+        architecture = {"smolvlm": "SmolVLMForConditionalGeneration",
+                        "idefics3": "Idefics3ForConditionalGeneration"}[self.model_type]
+        text = asdict(self.text)
+        text.update(model_type="llama", tie_word_embeddings=self.tie_word_embeddings,
+                    rope_parameters={"rope_theta": text.pop("rope_theta"), "rope_type": "default"})
+        d = {"architectures": [architecture], "model_type": self.model_type, "dtype": self.dtype,
+             "image_token_id": self.image_token_id, "scale_factor": self.scale_factor,
+             "tie_word_embeddings": self.tie_word_embeddings,
+             "vision_config": {**asdict(self.vision), "model_type": f"{self.model_type}_vision"},
+             "text_config": text}
+        if self.linmu is not None:
+            d["linmu"] = asdict(self.linmu)
+        return d
+
+
+# ----------------------------------------------------------------------------------------------
+# The vision encoder: SigLIP with Idefics3's variable-resolution position ids
+
+
+class VisionEmbeddings(nn.Module):
+    """Patchify with a stride-P convolution and add a learned position embedding per patch.
+
+    The position table is for a full side x side patch grid. An image padded to the batch's size
+    (pixel_attention_mask) has only h x w valid patches; their positions are spread over the whole
+    table: row i gets bucket floor-like(i * (1/h) * side), computed exactly as transformers >= 4.57
+    does (i * (1/h) in float32, clamped below 1, bucketized against the boundaries 1/side, 2/side, ...).
+    transformers 4.55-4.56 computed i / h instead, whose rounding moves some patches one bucket over
+    (issue 41190, fixed by PR 41374). Padding patches get position 0.
+    """
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.side = cfg.image_size // cfg.patch_size
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
+        self.position_embedding = nn.Embedding(self.side**2, cfg.hidden_size)
+
+    def position_ids(self, patch_mask: Tensor) -> Tensor:
+        """patch_mask: (N, h, w) True for valid patches (a top-left rectangle) -> position ids (N, h * w)."""
+        boundaries = torch.arange(1 / self.side, 1.0, 1 / self.side, device=patch_mask.device)
+
+        def buckets(valid: Tensor, length: int) -> Tensor:  # valid: (N,) valid patches along an axis -> (N, length)
+            index = torch.arange(length, device=valid.device, dtype=torch.float32)
+            fraction = (index[None, :] * (1.0 / valid)[:, None]).clamp(max=1.0 - 1e-6)
+            return torch.bucketize(fraction, boundaries, right=True)
+
+        n, h, w = patch_mask.shape
+        rows = buckets(patch_mask[:, :, 0].sum(1), h)
+        cols = buckets(patch_mask[:, 0, :].sum(1), w)
+        ids = rows[:, :, None] * self.side + cols[:, None, :]  # (N, h, w)
+        return torch.where(patch_mask, ids, 0).reshape(n, h * w)
+
+    def forward(self, pixels: Tensor, patch_mask: Tensor) -> Tensor:
+        """pixels: (N, C, H, W); patch_mask: (N, H/P, W/P) -> (N, S, Dv), S = (H/P) * (W/P) patches row-major."""
+        x = self.patch_embedding(pixels).flatten(2).transpose(1, 2)  # (N, S, Dv)
+        return x + self.position_embedding(self.position_ids(patch_mask))
+
+
+class VisionAttention(nn.Module):
+    """Bidirectional multi-head attention (with biases) over the valid patches of each image."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
+        """x: (N, S, Dv); key_mask: (N, 1, 1, S) True where a patch may be attended to, or None (all valid)."""
+        n, s, d = x.shape
+        q, k, v = (proj(x).view(n, s, self.num_heads, -1).transpose(1, 2)  # (N, Hv, S, Dv/Hv)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (N, Hv, S, Dv/Hv)
+        return self.out_proj(y.transpose(1, 2).reshape(n, s, d))
+
+
+class VisionMLP(nn.Module):
+    """SigLIP's feed-forward: fc1, tanh-approximated GELU, fc2."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class VisionLayer(nn.Module):
+    """Pre-norm transformer encoder layer (LayerNorm, attention, LayerNorm, MLP, residuals)."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = VisionAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = VisionMLP(cfg)
+
+    def forward(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), key_mask)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """The SigLIP encoder: embeddings, encoder.layers, post_layernorm."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.embeddings = VisionEmbeddings(cfg)
+        self.encoder = nn.ModuleDict({"layers": nn.ModuleList(VisionLayer(cfg) for _ in range(cfg.num_hidden_layers))})
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, pixels: Tensor, patch_mask: Tensor) -> Tensor:
+        """pixels: (N, C, H, W); patch_mask: (N, H/P, W/P) -> patch features (N, S, Dv)."""
+        x = self.embeddings(pixels, patch_mask)
+        key_mask = None if patch_mask.all() else patch_mask.flatten(1)[:, None, None, :]  # (N, 1, 1, S)
+        for layer in self.encoder.layers:
+            x = layer(x, key_mask)
+        return self.post_layernorm(x)
+
+
+class Connector(nn.Module):
+    """Pixel shuffle then a linear projection into the decoder width.
+
+    Pixel shuffle folds each s x s block of the side x side patch grid into one token:
+    patch (row p*s + a, col q*s + b) becomes channels (a, b) of token (p, q), i.e.
+    n (p a q b) d -> n (p q) (a b d). Tokens stay row-major, so an image is a (side/s) x (side/s) grid.
+    """
+
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.scale_factor = cfg.scale_factor
+        in_features = cfg.vision.hidden_size * cfg.scale_factor**2
+        # nested to mirror the checkpoint key model.connector.modality_projection.proj.weight
+        self.modality_projection = nn.ModuleDict({"proj": nn.Linear(in_features, cfg.text.hidden_size, bias=False)})
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (N, S, Dv) patch features -> (N, S / s^2, D) decoder tokens."""
+        n, seq, d = x.shape
+        s = self.scale_factor
+        g = math.isqrt(seq) // s  # tokens per side after the shuffle
+        x = x.view(n, g, s, g, s, d).permute(0, 1, 3, 2, 4, 5)  # (N, p, q, a, b, Dv)
+        x = x.reshape(n, g * g, s * s * d)  # (N, S / s^2, s^2 Dv)
+        return self.modality_projection.proj(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# The decoder: Llama (SmolLM2) with grouped-query attention
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE angles for absolute positions. Computed on the fly (no buffers), so dtype casts cannot round them."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """positions: (B, L) -> (cos, sin), each (B, L, Dh) in float32, the two halves repeating."""
+        exponents = torch.arange(0, self.head_dim, 2, device=positions.device, dtype=torch.float32) / self.head_dim
+        inv_freq = 1.0 / self.theta**exponents  # (Dh/2,)
+        angles = positions[..., None].float() * inv_freq  # (B, L, Dh/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (B, L, Dh)
+        return angles.cos(), angles.sin()
+
+
+class Attention(nn.Module):
+    """The teacher's causal grouped-query self-attention with RoPE (the layer M-MATE replaces).
+
+    Mixer contract: y, cache = mixer(x, layout, rope, cache=None). At prefill (cache None) x holds
+    the whole prefix and the returned cache covers it; afterwards x holds only the new tokens,
+    which attend causally to the cached tokens and to each other.
+    """
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor, layout: TokenLayout, rope: tuple[Tensor, Tensor],
+                cache: KVCache | None = None) -> tuple[Tensor, KVCache]:
+        """x: (B, L, D); rope: (cos, sin) for layout.positions -> (y (B, L, D), cache over all T tokens)."""
+        b, length, _ = x.shape
+        cos, sin = rope
+        q = apply_rotary(self.q_proj(x).view(b, length, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(self.k_proj(x).view(b, length, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(b, length, self.num_kv_heads, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, Dh), (B, Hkv, L, Dh)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            k, v = torch.cat((cache.k, k), dim=2), torch.cat((cache.v, v), dim=2)  # (B, Hkv, T, Dh)
+            total = k.shape[2]
+            # new token i sits at T - L + i and sees every key up to and including itself
+            mask = torch.ones(length, total, dtype=torch.bool, device=x.device).tril(total - length)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        y = y.transpose(1, 2).reshape(b, length, self.num_heads * self.head_dim)  # (B, L, H Dh)
+        return self.o_proj(y), KVCache(k, v)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder layer: h += mixer(norm(h)); h += mlp(norm(h)).
+
+    The mixer (still named self_attn, like the checkpoint key) is the teacher's Attention, or in
+    the LinMU student an M-MATE layer whose Local-Swin windows are shifted in odd layers.
+    """
+
+    def __init__(self, cfg: TextConfig, linmu: MixerConfig | None, index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg) if linmu is None else MMATE(
+            cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, linmu,
+            shifted=index % 2 == 1, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, h: Tensor, layout: TokenLayout, rope: tuple[Tensor, Tensor],
+                cache=None) -> tuple[Tensor, object]:
+        """h: (B, L, D) residual stream -> (h, the mixer's cache)."""
+        y, cache = self.self_attn(self.input_layernorm(h), layout, rope, cache)
+        h = h + y
+        return h + self.mlp(self.post_attention_layernorm(h)), cache
+
+
+class TextModel(nn.Module):
+    """The decoder stack: embed_tokens, layers, final norm, and the RoPE angles they share.
+
+    gradient_checkpointing: recompute each layer in the backward pass instead of storing its
+    activations (for long videos in training; set by distill.py).
+    """
+
+    def __init__(self, cfg: TextConfig, linmu: MixerConfig | None = None):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, linmu, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.gradient_checkpointing = False
+
+    def forward(self, inputs_embeds: Tensor, layout: TokenLayout, caches: list | None = None,
+                output_hidden_states: bool = False) -> tuple[Tensor, list, list[Tensor] | None]:
+        """inputs_embeds: (B, L, D) -> (final-normed hidden (B, L, D), one cache per layer, hidden states).
+
+        The hidden states (if asked) are the embeddings then the residual stream after each layer
+        (num_layers + 1 tensors, all before the final norm; transformers' last entry is after it).
+        """
+        h = inputs_embeds
+        rope = tuple(t.to(h.dtype) for t in self.rotary(layout.positions))
+        caches = caches if caches is not None else [None] * len(self.layers)
+        hidden_states = [h] if output_hidden_states else None
+        new_caches = []
+        for layer, cache in zip(self.layers, caches):
+            if self.gradient_checkpointing and self.training:
+                h, cache = torch.utils.checkpoint.checkpoint(layer, h, layout, rope, cache, use_reentrant=False)
+            else:
+                h, cache = layer(h, layout, rope, cache)
+            new_caches.append(cache)
+            if output_hidden_states:
+                hidden_states.append(h)
+        return self.norm(h), new_caches, hidden_states
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole model
+
+
+@dataclass
+class VLMOutput:
+    """logits: (B, L, V); caches: one per decoder layer; hidden_states: see TextModel.forward."""
+
+    logits: Tensor
+    caches: list
+    hidden_states: list[Tensor] | None = None
+
+
+class VLM(nn.Module):
+    """SmolVLM2: vision encoder + connector + decoder + lm_head, named like the Hub checkpoint.
+
+    Images reach the decoder as image_seq_len placeholder tokens (config.image_token_id) each; their
+    embeddings are replaced by the connector's output, image by image, in (batch, sequence) order.
+    """
+
+    def __init__(self, config: VLMConfig):
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict({"vision_model": VisionTransformer(config.vision),
+                                    "connector": Connector(config),
+                                    "text_model": TextModel(config.text, config.linmu)})
+        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.text_model.embed_tokens.weight
+
+    def encode_images(self, pixel_values: Tensor, pixel_attention_mask: Tensor | None = None) -> Tensor:
+        """pixel_values: (B, N, C, H, W) or (N, C, H, W); pixel_attention_mask: the same without C, True on real pixels.
+
+        Returns (n_real_images, image_seq_len, D): all-zero images (batch padding) are dropped.
+        """
+        if pixel_values.dim() == 4:
+            pixel_values = pixel_values[None]
+            pixel_attention_mask = pixel_attention_mask[None] if pixel_attention_mask is not None else None
+        images = pixel_values.flatten(0, 1)  # (B N, C, H, W)
+        real = images.flatten(1).ne(0).any(1)
+        images = images[real].to(self.lm_head.weight.dtype)
+        n, _, height, width = images.shape
+        p = self.config.vision.patch_size
+        if pixel_attention_mask is None:
+            patch_mask = torch.ones(n, height // p, width // p, dtype=torch.bool, device=images.device)
+        else:
+            mask = pixel_attention_mask.flatten(0, 1)[real].bool()[:, : height // p * p, : width // p * p]
+            patches = mask.unflatten(1, (height // p, p)).unflatten(3, (width // p, p))  # (n, H/P, P, W/P, P)
+            patch_mask = patches.any(4).any(2)  # a patch is valid if any of its pixels is
+        return self.model.connector(self.model.vision_model(images, patch_mask))
+
+    def embed(self, input_ids: Tensor, image_features: Tensor | None) -> Tensor:
+        """input_ids: (B, L); image_features: (n_images, T, D) -> inputs_embeds (B, L, D)."""
+        h = self.model.text_model.embed_tokens(input_ids)
+        is_image = input_ids == self.config.image_token_id
+        n_features = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
+        if int(is_image.sum()) != n_features:
+            raise ValueError(f"input_ids hold {int(is_image.sum())} image tokens but the images give {n_features} "
+                             f"features ({self.config.image_seq_len} per image): pass exactly the processor's images")
+        if n_features:
+            h = h.masked_scatter(is_image[..., None], image_features.to(h.dtype))
+        return h
+
+    def default_grids(self, input_ids: Tensor) -> list[list[tuple[int, int, int]]]:
+        """The grids for images when the caller gives none: each block of image_seq_len image tokens is
+        one (1, side, side) image, side = sqrt(image_seq_len). Videos must pass (frames, rows, cols) grids."""
+        per_image = self.config.image_seq_len
+        side = math.isqrt(per_image)
+        grids = []
+        for count in (input_ids == self.config.image_token_id).sum(1).tolist():
+            if count % per_image:
+                raise ValueError(f"a sequence has {count} image tokens, not a multiple of {per_image} per image: "
+                                 "pass grids explicitly")
+            grids.append([(1, side, side)] * (count // per_image))
+        return grids
+
+    def forward(self, input_ids: Tensor, pixel_values: Tensor | None = None, pixel_attention_mask: Tensor | None = None,
+                grids: list[list[tuple[int, int, int]]] | None = None, caches: list | None = None, start: int = 0,
+                output_hidden_states: bool = False) -> VLMOutput:
+        """input_ids: (B, L) starting at position `start` (the cached prefix length when decoding with caches)."""
+        features = self.encode_images(pixel_values, pixel_attention_mask) if pixel_values is not None else None
+        h = self.embed(input_ids, features)
+        grids = grids if grids is not None else self.default_grids(input_ids)
+        layout = TokenLayout.build(input_ids, self.config.image_token_id, grids, start)
+        h, caches, hidden_states = self.model.text_model(h, layout, caches, output_hidden_states)
+        return VLMOutput(self.lm_head(h), caches, hidden_states)
+
+
+def convert_to_linmu(teacher: VLM, mixer: MixerConfig | None = None) -> VLM:
+    """The LinMU student of a teacher (LinMU Sec. 3): a copy whose every decoder self-attention is
+    replaced by an M-MATE layer initialized from it (MMATE.from_attention, shifted windows in odd
+    layers); the vision encoder, connector, MLPs, norms, embeddings and head are the teacher's."""
+    mixer = mixer or MixerConfig()
+    student = copy.deepcopy(teacher)
+    student.config = replace(teacher.config, linmu=mixer)
+    text = teacher.config.text
+    for i, layer in enumerate(student.model.text_model.layers):
+        layer.self_attn = MMATE.from_attention(layer.self_attn, text.hidden_size, mixer, shifted=i % 2 == 1,
+                                               eps=text.rms_norm_eps)
+    return student
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation: prefill once, then one cheap step per token
+
+
+def next_token(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0,
+               generator: torch.Generator | None = None) -> Tensor:
+    """logits (B, V) -> token ids (B,): greedy at temperature 0, else nucleus (top-p) sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # tokens past the nucleus
+    sorted_probs = sorted_probs.masked_fill(outside, 0)
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)
+    return order.gather(-1, choice).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: VLM, input_ids: Tensor, pixel_values: Tensor | None = None,
+             pixel_attention_mask: Tensor | None = None, grids: list | None = None, max_new_tokens: int = 64,
+             temperature: float = 0.0, top_p: float = 1.0, eos_token_id: int | None = None,
+             generator: torch.Generator | None = None) -> Tensor:
+    """Continue a batch of equal-length prompts (no padding) -> new token ids (B, <= max_new_tokens).
+
+    The prompt, images and video included, is read once (prefill); each new token is then one step
+    on the caches: the teacher's KV cache grows with the context, the LinMU student's Flex-MA state
+    and Local-Swin window do not. Sequences that produced eos_token_id keep producing it until all have.
+    """
+    out = model(input_ids, pixel_values, pixel_attention_mask, grids)
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    tokens = []
+    for step in range(max_new_tokens):
+        token = next_token(out.logits[:, -1], temperature, top_p, generator)
+        if eos_token_id is not None:
+            token = token.masked_fill(finished, eos_token_id)
+            finished |= token == eos_token_id
+        tokens.append(token)
+        if finished.all() or step == max_new_tokens - 1:
+            break
+        out = model(token[:, None], caches=out.caches, start=input_ids.shape[1] + step)
+    return torch.stack(tokens, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and saving Hub-layout checkpoints (config.json + safetensors)
+
+CHECKPOINT_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "generation_config.json",
+                       "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                       "vocab.json", "merges.txt", "preprocessor_config.json", "processor_config.json",
+                       "video_preprocessor_config.json", "chat_template.json", "chat_template.jinja"]
+
+
+def resolve_checkpoint(model_id_or_dir: str | os.PathLike) -> Path:
+    """A local checkpoint directory as is, otherwise a Hub repo id ("owner/name") downloaded to the HF cache."""
+    path = Path(model_id_or_dir).expanduser()
+    name = str(model_id_or_dir)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:  # not an "owner/name" repo id
+        if not path.is_dir():
+            raise FileNotFoundError(f"checkpoint directory {path} does not exist: give a directory holding "
+                                    "config.json and *.safetensors, or a Hub repo id (owner/name)")
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json: point at a checkpoint directory saved by save_model "
+                                    "or transformers' save_pretrained")
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import (GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
+                                       RepositoryNotFoundError, RevisionNotFoundError)
+    try:
+        return Path(snapshot_download(name, allow_patterns=CHECKPOINT_PATTERNS))
+    except GatedRepoError:
+        raise PermissionError(f"Hub repo {name} is gated: accept its terms on huggingface.co and log in "
+                              "with `hf auth login` (or set HF_TOKEN)") from None
+    except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError) as err:
+        raise FileNotFoundError(f"{name} is neither a local directory nor a Hub repo ({type(err).__name__}): check "
+                                "the path or repo id, or log in with `hf auth login` if the repo is private") from None
+    except LocalEntryNotFoundError:
+        raise ConnectionError(f"cannot download {name}: offline and not in the Hugging Face cache; connect once "
+                              "(unset HF_HUB_OFFLINE) or pass a local checkpoint directory") from None
+    except HfHubHTTPError as err:
+        raise ConnectionError(f"downloading {name} failed ({type(err).__name__}: {str(err).splitlines()[0]}): retry, "
+                              "or pass a local checkpoint directory") from None
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory: model.safetensors, or the shards its index names."""
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json "
+                            "(only safetensors checkpoints are supported)")
+
+
+def load_model(model_id_or_dir: str | os.PathLike, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> VLM:
+    """Build the model a checkpoint's config.json describes and fill every parameter from its safetensors.
+
+    Strict: every checkpoint tensor must be used and every parameter filled (a tied lm_head is the
+    embedding), else ValueError. A config with a "linmu" entry builds the LinMU student instead.
+    """
+    from safetensors import safe_open
+    from tqdm import tqdm
+
+    path = resolve_checkpoint(model_id_or_dir)
+    config = VLMConfig.from_hf_dict(json.loads((path / "config.json").read_text()))
+    with torch.device(device):
+        model = VLM(config)
+    model.to(dtype)
+    params = model.state_dict(keep_vars=True)
+    if config.tie_word_embeddings:
+        params.pop("lm_head.weight")
+    files = checkpoint_files(path)
+    where = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            where.update((key, file) for key in f.keys())
+    missing, unexpected = sorted(params.keys() - where.keys()), sorted(where.keys() - params.keys())
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match the model its config.json describes: {len(missing)} "
+                         f"missing keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
+    with torch.no_grad(), tqdm(total=len(where), desc="loading weights", unit="tensor") as bar:
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    tensor = f.get_tensor(key)
+                    if tensor.shape != params[key].shape:
+                        raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)} != model shape "
+                                         f"{tuple(params[key].shape)}")
+                    params[key].copy_(tensor)
+                    bar.update()
+    return model.eval()
+
+
+def save_model(model: VLM, out_dir: str | os.PathLike) -> Path:
+    """Write config.json and model.safetensors (Hub layout, a tied lm_head stored once) atomically."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+             if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
+    config = model.config.to_hf_dict()
+    config["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+
+    def write(name: str, save) -> None:  # to a temporary file in out_dir, then an atomic rename
+        tmp = out / f".{name}.tmp{os.getpid()}"
+        save(tmp)
+        os.replace(tmp, out / name)
+
+    write("model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    write("config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: describe an image or a video with a teacher or a LinMU student checkpoint
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Generate an answer about images or a video with a SmolVLM2 teacher or its LinMU student "
+                    "(any checkpoint load_model reads: a Hub repo id, convert.py's output, distill.py's output).")
+    parser.add_argument("--model", required=True, help="checkpoint directory or Hub repo id (owner/name)")
+    parser.add_argument("--image", action="append", default=[], help="an image file; repeat for several images")
+    parser.add_argument("--video", help="a video: a folder of frame images (one per second) or a file (needs torchcodec)")
+    parser.add_argument("--prompt", default="Describe this.", help="the question or instruction (default: %(default)s)")
+    parser.add_argument("--max-frames", type=int, default=64,
+                        help="most video frames sampled at 1 fps; LinMU's point is that more is affordable (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy decoding (default: %(default)s)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0 (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    parser.add_argument("--device", default=default_device(), help="torch device (default: %(default)s)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="weights' dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    args = parser.parse_args(argv)
+
+    from processing import Processor, load_video
+
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    path = resolve_checkpoint(args.model)
+    model = load_model(path, args.device, dtype)
+    processor = Processor.from_pretrained(path)
+    content = [{"type": "image"} for _ in args.image] + ([{"type": "video"}] if args.video else [])
+    messages = [{"role": "user", "content": content + [{"type": "text", "text": args.prompt}]}]
+    video = load_video(args.video, fps=1.0, max_frames=args.max_frames) if args.video else None
+    batch = processor(messages, images=args.image, video=video)
+    pixels = batch["pixel_values"].to(args.device) if len(batch["pixel_values"]) else None
+    ids = generate(model, batch["input_ids"].to(args.device), pixels, grids=batch["grids"],
+                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   eos_token_id=processor.eos_token_id,
+                   generator=torch.Generator(args.device).manual_seed(args.seed))
+    print(processor.decode(ids[0]).strip())
+
+
+if __name__ == "__main__":
+    main()

@@ -5,18 +5,23 @@ import json
 import math
 import random
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
 import linmu
 import processing as P
-from linmu import (FlexMA, KVCache, LocalSwin, LoRALinear, MixerConfig, MMATE, TokenLayout, add_lora, merge_lora,
-                   ssd_scan, trainable_parameters)
+
+ROOT = Path(__file__).parent
+from linmu import (VLM, FlexMA, KVCache, LocalSwin, LoRALinear, MixerConfig, MMATE, TextConfig, TokenLayout,
+                   VisionConfig, VLMConfig, add_lora, load_model, merge_lora, resolve_checkpoint, save_model, ssd_scan,
+                   trainable_parameters)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,6 +422,302 @@ def test_mmate_cost_grows_linearly_while_attention_grows_quadratically():
     attention_ratio = attention_flops(2048) / attention_flops(1024)
     assert 1.8 < mixer_ratio < 2.0, mixer_ratio  # 1069 / 557 = 1.92
     assert attention_ratio > 3.9, attention_ratio
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. The teacher (SmolVLM2), against transformers
+
+
+IMG = 99  # the tiny models' image token id
+
+
+def hf_tiny(image_size=64, patch_size=8, scale_factor=2, tie=False, seed=0):
+    """A tiny random transformers SmolVLM (the oracle), with weights large enough that mistakes show."""
+    transformers = pytest.importorskip("transformers", reason="transformers is the test oracle for the teacher")
+    config = transformers.SmolVLMConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=image_size, patch_size=patch_size),
+        text_config=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=100, rope_theta=5000.0,
+                         rms_norm_eps=1e-5, tie_word_embeddings=tie),
+        scale_factor=scale_factor, image_token_id=IMG, tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    model = transformers.SmolVLMForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0, 0.2) if "norm" in name and name.endswith("weight") else p.normal_(0.0, 0.15)
+    return model
+
+
+def prompt(blocks: int, tokens_per_image: int, text: int = 3, tail: int = 3, seed: int = 0) -> torch.Tensor:
+    """Text, then `blocks` times (image block, text): like a tiled image or a video's frames with timestamps."""
+    g = torch.Generator().manual_seed(seed)
+    parts = [torch.randint(0, 90, (text,), generator=g)]
+    for _ in range(blocks):
+        parts += [torch.full((tokens_per_image,), IMG), torch.randint(0, 90, (text,), generator=g)]
+    parts.append(torch.randint(0, 90, (tail,), generator=g))
+    return torch.cat(parts)
+
+
+def both_logits(hf, ours, input_ids, pixel_values, pixel_attention_mask=None, grids=None):
+    with torch.no_grad():
+        want = hf(input_ids=input_ids, pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask).logits
+        got = ours(input_ids, pixel_values, pixel_attention_mask, grids=grids).logits
+    return want, got
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny oracle, saved with save_pretrained, and our model loaded from that directory."""
+    hf = hf_tiny()
+    path = tmp_path_factory.mktemp("tiny")
+    hf.save_pretrained(path)
+    return hf, load_model(path), path
+
+
+def test_tiled_image_matches_transformers(tiny):
+    hf, ours, _ = tiny
+    ids = prompt(5, 16)[None]  # 4 tiles + the global image, text between
+    pixels = torch.randn(1, 5, 3, 64, 64)
+    want, got = both_logits(hf, ours, ids, pixels)
+    assert want.abs().max() > 1  # weights large enough for the comparison to mean something
+    assert (want - got).abs().max() < 1e-4
+    with torch.no_grad():
+        hf_hidden = hf(input_ids=ids, pixel_values=pixels, output_hidden_states=True).hidden_states
+        out = ours(ids, pixels, output_hidden_states=True)
+    assert len(out.hidden_states) == len(hf_hidden) == 3
+    for a, b in zip(out.hidden_states[:-1], hf_hidden[:-1]):  # transformers' last entry is after the final norm
+        assert (a - b).abs().max() < 1e-4
+    assert (ours.model.text_model.norm(out.hidden_states[-1]) - hf_hidden[-1]).abs().max() < 1e-4
+
+
+def test_video_frames_match_transformers(tiny):
+    hf, ours, _ = tiny
+    ids = prompt(4, 16, text=5, seed=1)[None]
+    pixels = torch.randn(1, 4, 3, 64, 64)
+    want, got = both_logits(hf, ours, ids, pixels, grids=[[(4, 4, 4)]])
+    assert (want - got).abs().max() < 1e-4
+
+
+def test_padding_image_is_dropped(tiny):
+    hf, ours, _ = tiny
+    ids = torch.stack([prompt(2, 16, seed=2), torch.cat([prompt(1, 16, seed=3), torch.randint(0, 90, (19,))])])
+    pixels = torch.randn(2, 2, 3, 64, 64)
+    pixels[1, 1] = 0  # sample 1 has one image; its second slot is batch padding
+    assert ours.encode_images(pixels).shape == (3, 16, 64)
+    want, got = both_logits(hf, ours, ids, pixels)
+    assert (want - got).abs().max() < 1e-4
+
+
+def test_padded_image_position_ids_match_transformers(tmp_path):
+    # side 30 with 25 valid patch rows is a case where i / 25 and i * (1 / 25) bucket differently (issue 41190)
+    side, valid = 30, 25
+    i = torch.arange(valid, dtype=torch.float32)
+    boundaries = torch.arange(1 / side, 1.0, 1 / side)
+    assert not torch.equal(torch.bucketize(i / valid, boundaries, right=True),
+                           torch.bucketize(i * (1.0 / torch.tensor(valid)), boundaries, right=True))
+    hf = hf_tiny(image_size=120, patch_size=4, scale_factor=5)
+    hf.save_pretrained(tmp_path)
+    ours = load_model(tmp_path)
+    pixels = torch.randn(1, 2, 3, 120, 120)
+    mask = torch.ones(1, 2, 120, 120, dtype=torch.long)
+    mask[0, 1, 4 * valid:, :] = 0  # image 2: 25 x 15 valid patches, zero padded to the batch size
+    mask[0, 1, :, 60:] = 0
+    pixels[0, 1][mask[0, 1, None].expand(3, -1, -1) == 0] = 0
+    ids = prompt(2, 36, seed=4)[None]
+    want, got = both_logits(hf, ours, ids, pixels, mask)
+    assert (want - got).abs().max() < 1e-4
+    ids_grid = ours.model.vision_model.embeddings.position_ids(torch.ones(1, valid, valid, dtype=torch.bool))
+    assert ids_grid[0, 5 * valid] == 5 * side  # row 5 of 25 lands in bucket 5 (i / 25 would give 6)
+
+
+def test_cached_decoding_equals_full_forward(tiny):
+    _, ours, _ = tiny
+    ids = torch.stack([prompt(1, 16, tail=8, seed=5), prompt(1, 16, tail=8, seed=6)])
+    pixels = torch.randn(2, 1, 3, 64, 64)
+    with torch.no_grad():
+        full = ours(ids, pixels).logits
+        prefix = 22
+        out = ours(ids[:, :prefix], pixels)
+        assert isinstance(out.caches[0], KVCache) and out.caches[0].k.shape == (2, 2, prefix, 16)
+        assert (out.logits - full[:, :prefix]).abs().max() < 1e-4
+        pos, caches = prefix, out.caches
+        for step in (1, 1, 2, 1, 3):  # token by token, and chunks (causal inside a chunk)
+            out = ours(ids[:, pos:pos + step], caches=caches, start=pos)
+            assert (out.logits - full[:, pos:pos + step]).abs().max() < 1e-4
+            pos, caches = pos + step, out.caches
+        assert caches[0].k.shape[2] == pos == ids.shape[1]
+
+
+def test_tied_lm_head_loads_and_saves_once(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers is the test oracle for the teacher")
+    hf = hf_tiny(tie=True)
+    hf.save_pretrained(tmp_path / "hf")
+    assert "lm_head.weight" not in load_file(tmp_path / "hf" / "model.safetensors")
+    ours = load_model(tmp_path / "hf")
+    assert ours.lm_head.weight is ours.model.text_model.embed_tokens.weight
+    ids, pixels = prompt(1, 16)[None], torch.randn(1, 1, 3, 64, 64)
+    want, got = both_logits(hf, ours, ids, pixels)
+    assert (want - got).abs().max() < 1e-4
+    save_model(ours, tmp_path / "ours")
+    assert "lm_head.weight" not in load_file(tmp_path / "ours" / "model.safetensors")
+    back = transformers.SmolVLMForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
+    assert back.config.tie_word_embeddings
+    want, _ = both_logits(back, ours, ids, pixels)
+    assert (want - got).abs().max() < 1e-4
+
+
+def test_untied_lm_head_round_trips_through_transformers(tiny, tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers is the test oracle for the teacher")
+    hf, ours, _ = tiny
+    assert not torch.equal(ours.lm_head.weight, ours.model.text_model.embed_tokens.weight)
+    save_model(ours, tmp_path)
+    back = transformers.SmolVLMForConditionalGeneration.from_pretrained(tmp_path).eval()
+    ids, pixels = prompt(2, 16)[None], torch.randn(1, 2, 3, 64, 64)
+    want, got = both_logits(back, ours, ids, pixels)
+    assert (want - got).abs().max() < 1e-4
+    assert not list(tmp_path.glob(".*tmp*"))  # the atomic writes left no temporary files
+
+
+def test_sharded_checkpoint_loads(tiny, tmp_path):
+    hf, _, _ = tiny
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1 and (tmp_path / "model.safetensors.index.json").exists()
+    ours = load_model(tmp_path)
+    want, got = both_logits(hf, ours, prompt(1, 16)[None], torch.randn(1, 1, 3, 64, 64))
+    assert (want - got).abs().max() < 1e-4
+
+
+def small_config(**text) -> VLMConfig:
+    return VLMConfig(vision=VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, image_size=32, patch_size=8),
+                     text=TextConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, **text),
+                     scale_factor=2, image_token_id=49)
+
+
+def test_strict_loading_names_missing_and_unexpected_keys(tmp_path):
+    save_model(VLM(small_config()), tmp_path)
+    weights = tmp_path / "model.safetensors"
+    state = load_file(weights)
+    save_file({k: v for k, v in state.items() if k != "model.text_model.norm.weight"}, weights)
+    with pytest.raises(ValueError, match=r"1 missing keys \['model.text_model.norm.weight'\], 0 unexpected"):
+        load_model(tmp_path)
+    save_file({**state, "model.text_model.extra.weight": torch.zeros(2)}, weights)
+    with pytest.raises(ValueError, match=r"0 missing keys \[\], 1 unexpected keys \['model.text_model.extra"):
+        load_model(tmp_path)
+    save_file({**state, "lm_head.weight": torch.zeros(50, 16)}, weights)
+    with pytest.raises(ValueError, match=r"lm_head.weight: checkpoint shape \(50, 16\) != model shape \(50, 32\)"):
+        load_model(tmp_path)
+
+
+def test_save_load_round_trip_in_bfloat16(tmp_path):
+    model = VLM(small_config()).to(torch.bfloat16)
+    save_model(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    back = load_model(tmp_path, dtype=torch.bfloat16)
+    for (name, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b), name
+
+
+def test_missing_checkpoints_give_clear_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_checkpoint(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        resolve_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(small_config().to_hf_dict()))
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors nor"):
+        load_model(tmp_path)
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConnectionError, match="offline and not in the Hugging Face cache"):
+        resolve_checkpoint("linmu-tests/no-such-model")
+
+
+HF4 = {  # transformers 4.x form, the layout of the real SmolVLM2 config.json files
+    "architectures": ["SmolVLMForConditionalGeneration"], "model_type": "smolvlm", "image_token_id": 49190,
+    "scale_factor": 4, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": False,
+    "text_config": {"architectures": ["VLlama3ForCausalLM"], "head_dim": 64, "hidden_size": 576,
+                    "intermediate_size": 1536, "model_type": "llama", "num_attention_heads": 9,
+                    "num_hidden_layers": 30, "num_key_value_heads": 3, "rms_norm_eps": 1e-05,
+                    "rope_theta": 100000, "rope_scaling": None, "vocab_size": 49280, "qk_layer_norms": False},
+    "vision_config": {"hidden_size": 768, "image_size": 512, "model_type": "smolvlm_vision",
+                      "num_attention_heads": 12, "patch_size": 16, "max_image_size": {"longest_edge": 512}},
+}
+
+
+def check_256m(c: VLMConfig) -> None:
+    t, v = c.text, c.vision
+    assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads) == (576, 30, 9, 3)
+    assert (t.head_dim, t.intermediate_size, t.rms_norm_eps, t.rope_theta, t.vocab_size) == (64, 1536, 1e-5, 1e5, 49280)
+    # SigLIP defaults fill what the vision config omits
+    assert (v.hidden_size, v.num_attention_heads, v.image_size, v.patch_size) == (768, 12, 512, 16)
+    assert (v.num_hidden_layers, v.intermediate_size, v.layer_norm_eps) == (12, 3072, 1e-6)
+    assert v.hidden_act == "gelu_pytorch_tanh"
+    assert (c.scale_factor, c.image_seq_len, c.image_token_id, c.tie_word_embeddings) == (4, 64, 49190, False)
+
+
+def test_config_parses_transformers_4_and_5_forms():
+    c4 = VLMConfig.from_hf_dict(HF4)
+    check_256m(c4)
+    assert c4.dtype == "bfloat16" and c4.linmu is None
+    hf5 = c4.to_hf_dict()
+    assert hf5["text_config"]["rope_parameters"] == {"rope_theta": 100000.0, "rope_type": "default"}
+    assert "rope_theta" not in hf5["text_config"] and hf5["dtype"] == "bfloat16"
+    assert VLMConfig.from_hf_dict(hf5) == c4
+    check_256m(VLMConfig.from_hf_dict(json.loads((ROOT / "configs" / "smolvlm2-256m.json").read_text())))
+    student = VLMConfig.from_hf_dict({**hf5, "linmu": {"chunk_size": 32, "branches": "flex"}})
+    assert student.linmu == MixerConfig(chunk_size=32, branches="flex")
+    assert VLMConfig.from_hf_dict(student.to_hf_dict()) == student
+
+
+def test_config_defaults_agree_with_transformers():
+    transformers = pytest.importorskip("transformers", reason="transformers is the test oracle for the teacher")
+    hf = transformers.SmolVLMConfig.from_dict(HF4)
+    ours = VLMConfig.from_hf_dict(hf.to_dict())
+    assert ours == VLMConfig.from_hf_dict(HF4)
+    sparse = VLMConfig.from_hf_dict({"model_type": "smolvlm", "text_config": {"model_type": "llama"}})
+    hf_sparse = transformers.SmolVLMConfig.from_dict({"model_type": "smolvlm", "text_config": {"model_type": "llama"}})
+    assert sparse == VLMConfig.from_hf_dict(hf_sparse.to_dict())
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "llava"}, r"model_type='llava'.*\('smolvlm', 'idefics3'\)"),
+    ({"text_config": {**HF4["text_config"], "rope_scaling": {"type": "linear", "factor": 2.0}}},
+     "RoPE scaling 'linear'"),
+    ({"text_config": {"rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn"}}}, "RoPE scaling 'yarn'"),
+    ({"text_config": {"model_type": "qwen2"}}, "text model_type='qwen2'"),
+    ({"vision_config": {"hidden_act": "relu"}}, "vision hidden_act 'relu'"),
+])
+def test_unsupported_configs_are_refused(change, message):
+    with pytest.raises(ValueError, match=message):
+        VLMConfig.from_hf_dict({**HF4, **change})
+
+
+def test_pixel_shuffle_layout():
+    config = small_config()  # 4 x 4 patches, scale 2 -> 2 x 2 tokens of 4 patches each
+    model = VLM(config)
+    proj = model.model.connector.modality_projection.proj
+    patches = torch.arange(16.0)[None, :, None].expand(1, 16, 16)  # patch k carries the value k
+    with torch.no_grad():
+        proj.weight.zero_()
+        for j, src in enumerate(range(0, 64, 16)):  # output channel j reads (a, b) block j's first channel
+            proj.weight[j, src] = 1.0
+        tokens = model.model.connector(patches)[0, :, :4]
+    # token (p, q) gathers patches (2p + a, 2q + b) for (a, b) in (0,0), (0,1), (1,0), (1,1)
+    assert tokens.tolist() == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+
+
+def test_default_grids_and_token_count_errors():
+    model = VLM(small_config())
+    ids = torch.tensor([[1, 49, 49, 49, 49, 2, 49, 49, 49, 49, 3]])
+    assert model.default_grids(ids) == [[(1, 2, 2), (1, 2, 2)]]
+    with pytest.raises(ValueError, match="not a multiple of 4"):
+        model.default_grids(ids[:, :4])
+    with pytest.raises(ValueError, match="hold 8 image tokens but the images give 4 features"):
+        model(ids, torch.randn(1, 3, 32, 32))
+    assert sum(p.numel() for p in model.model.text_model.rotary.parameters()) == 0
+    assert not any("rotary" in k for k in model.state_dict())
 
 
 # ----------------------------------------------------------------------------------------------
