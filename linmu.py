@@ -21,6 +21,7 @@ import copy
 import json
 import math
 import os
+import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -1232,24 +1233,36 @@ def load_model(model_id_or_dir: str | os.PathLike, device: str | torch.device = 
     return model.eval()
 
 
-def save_model(model: VLM, out_dir: str | os.PathLike) -> Path:
-    """Write config.json and model.safetensors (Hub layout, a tied lm_head stored once) atomically."""
+PROCESSOR_FILES = [name for name in CHECKPOINT_PATTERNS if name != "config.json" and "safetensors" not in name]
+
+
+def save_model(model: VLM, out_dir: str | os.PathLike, source: str | os.PathLike | None = None,
+               extra: dict[str, object] | None = None) -> Path:
+    """Write a Hub-layout checkpoint directory: config.json and model.safetensors (a tied lm_head
+    stored once), the tokenizer and processor files of the checkpoint directory `source`, and each
+    `extra` object under its file name (torch.save). Everything goes to a temporary directory that
+    then replaces out_dir, so an interruption never leaves a half-written checkpoint."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    tmp, old = out.with_name(f".{out.name}.tmp{os.getpid()}"), out.with_name(f".{out.name}.old{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
              if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
     config = model.config.to_hf_dict()
     config["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-
-    def write(name: str, save) -> None:  # to a temporary file in out_dir, then an atomic rename
-        tmp = out / f".{name}.tmp{os.getpid()}"
-        save(tmp)
-        os.replace(tmp, out / name)
-
-    write("model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    write("config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for name in PROCESSOR_FILES if source is not None else []:
+        if (Path(source) / name).is_file():
+            shutil.copy2(Path(source) / name, tmp / name)
+    for name, obj in (extra or {}).items():
+        torch.save(obj, tmp / name)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 

@@ -721,6 +721,38 @@ def test_default_grids_and_token_count_errors():
 
 
 # ----------------------------------------------------------------------------------------------
+# 6b. The LinMU student: conversion, checkpoints, generation
+
+
+def write_tiny_checkpoint(directory, layers=2, seed=0):
+    """A tiny random SmolVLM2 teacher in the Hub layout, with a real tokenizer and processor configs:
+    64 px tiles of 8 px patches, pixel-shuffled by 2 into 4 x 4 token grids; images tiled up to 2 x 2."""
+    write_checkpoint(directory, processor_config=False)
+    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    (directory / "preprocessor_config.json").write_text(json.dumps({
+        **PREPROCESSOR_CONFIG, "size": {"longest_edge": 128}, "max_image_size": {"longest_edge": 64},
+        "video_sampling": {"fps": 1, "max_frames": 8, "video_size": {"longest_edge": 64}}}))
+    config = VLMConfig(
+        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                            image_size=64, patch_size=8),
+        text=TextConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5),
+        scale_factor=2, image_token_id=tokenizer.token_to_id("<image>"))
+    torch.manual_seed(seed)
+    model = VLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+    return save_model(model, directory, source=directory)
+
+
+@pytest.fixture(scope="module")
+def tiny_hub(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_hub"))
+
+
+# ----------------------------------------------------------------------------------------------
 # 7. Input preparation (processing.py), against transformers' own SmolVLMProcessor
 
 

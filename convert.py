@@ -1,0 +1,64 @@
+"""Convert a SmolVLM2 checkpoint into a LinMU student (LinMU Sec. 3: initialization from attention).
+
+    python convert.py --model HuggingFaceTB/SmolVLM2-256M-Video-Instruct --out checkpoints/linmu-smolvlm2-256m
+
+Downloads the checkpoint (or reads a local directory), loads the teacher, replaces every decoder
+self-attention by an M-MATE layer initialized from its q/k/v/o weights (linmu.MMATE.from_attention),
+and writes the student (config.json with a "linmu" entry, model.safetensors, the tokenizer and
+processor files) where distill.py, bench.py and `python linmu.py --model` read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+import torch
+
+from linmu import MixerConfig, convert_to_linmu, load_model, resolve_checkpoint, save_model
+
+DEFAULT_TEACHER = "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"
+DEFAULT_STUDENT = "checkpoints/linmu-smolvlm2-256m"
+
+MIXER_HELP = {
+    "chunk_size": "Flex-MA's SSD chunk length",
+    "conv_kernel": "Flex-MA's causal convolution width",
+    "window_frames": "Local-Swin window over video frames",
+    "window_rows": "Local-Swin window over token rows",
+    "window_cols": "Local-Swin window over token columns",
+    "text_window": "tokens a text token attends to (itself included)",
+    "branches": "M-MATE branches: both, flex or swin",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Convert a SmolVLM2 teacher into a LinMU student whose decoder "
+                                                 "self-attention layers are M-MATE layers initialized from them.")
+    parser.add_argument("--model", default=DEFAULT_TEACHER,
+                        help="teacher: Hub repo id or local checkpoint directory (default: %(default)s)")
+    parser.add_argument("--out", default=DEFAULT_STUDENT, help="output directory for the student (default: %(default)s)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="dtype of the written weights (default: %(default)s)")
+    for field in fields(MixerConfig):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default,
+                            help=f"{MIXER_HELP[field.name]} (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.branches not in ("both", "flex", "swin"):
+        parser.error(f"--branches must be both, flex or swin, not {args.branches!r}")
+
+    try:
+        source = resolve_checkpoint(args.model)
+        teacher = load_model(source, "cpu", getattr(torch, args.dtype))
+    except (FileNotFoundError, ConnectionError, PermissionError, ValueError) as error:
+        parser.exit(2, f"convert.py: error: {error}\n")
+    mixer = MixerConfig(**{f.name: getattr(args, f.name) for f in fields(MixerConfig)})
+    student = convert_to_linmu(teacher, mixer)
+    out = save_model(student, args.out, source=source)
+    count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
+    print(f"teacher {args.model}: {count(teacher):.1f}M parameters -> LinMU student: {count(student):.1f}M "
+          f"parameters, {len(student.model.text_model.layers)} M-MATE layers, written to {out}")
+    print(f"next: python distill.py --stage 1 --student {out} --teacher {args.model}")
+
+
+if __name__ == "__main__":
+    main()
