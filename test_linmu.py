@@ -727,6 +727,7 @@ def test_default_grids_and_token_count_errors():
 def write_tiny_checkpoint(directory, layers=2, seed=0):
     """A tiny random SmolVLM2 teacher in the Hub layout, with a real tokenizer and processor configs:
     64 px tiles of 8 px patches, pixel-shuffled by 2 into 4 x 4 token grids; images tiled up to 2 x 2."""
+    directory.mkdir(parents=True, exist_ok=True)
     write_checkpoint(directory, processor_config=False)
     tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
     (directory / "preprocessor_config.json").write_text(json.dumps({

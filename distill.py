@@ -1,0 +1,493 @@
+"""LinMU's three-stage distillation (LinMU Sec. 4): a converted student learns to match its teacher.
+
+    python convert.py                 # once: SmolVLM2-256M -> checkpoints/linmu-smolvlm2-256m
+    python distill.py --stage 1       # Flex-MA alone          -> checkpoints/distill/stage1
+    python distill.py --stage 2       # Flex-MA + Local-Swin   -> checkpoints/distill/stage2
+    python distill.py --stage 3       # LoRA on the rest       -> checkpoints/distill/stage3
+
+Stage 1 trains only the Flex-MA branch of every M-MATE layer, which alone mixes tokens (Local-Swin
+off); stage 2 switches Local-Swin on and trains both branches and their gate; stage 3 freezes the
+mixers and fine-tunes the MLPs and the vision connector through LoRA adapters (norms, embeddings
+and the vision encoder stay frozen). Every other weight is the teacher's and stays frozen.
+
+The loss, in every stage, with the frozen teacher run under no_grad on the same batch:
+  * hidden-state regression, per decoder layer l: ||h_s - h_t||^2 / ||h_t||^2 summed over the
+    real tokens of the batch (a relative squared error, so layers with a larger residual stream
+    do not dominate), averaged over layers, weighted by --hidden-weight;
+  * token-level logit distillation: KL(teacher || student) of the next-token distributions at
+    temperature T, times T^2, averaged over the real (non-padding) tokens, weighted by --kl-weight.
+--hidden-target chooses where a student layer's input comes from. "layer" (default, layer-local, as
+MOHAWK and MaTVLM do): student layer l reads the teacher's hidden input to layer l, so each layer
+learns to replace its own attention, independently of the others. "stream": the student's own
+running residual stream, as at inference, so layers learn to correct each other's errors.
+The logit term always runs the student end to end. toy.py measures both choices.
+
+Checkpoints are the Hub layout (config.json + model.safetensors + tokenizer files, loadable by
+`python linmu.py --model`, bench.py and the next stage) plus trainer.pt (the trained tensors,
+optimizer, schedule, step and RNG state), written atomically; --resume continues a stage exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from convert import DEFAULT_STUDENT, DEFAULT_TEACHER
+from linmu import (VLM, TokenLayout, add_lora, default_device, load_model, merge_lora, resolve_checkpoint,
+                   save_model, trainable_parameters)
+
+DEFAULT_OUT = "checkpoints/distill"
+LORA_TARGETS = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "modality_projection.proj"]
+STAGE_LR = {1: 1e-3, 2: 5e-4, 3: 2e-4}
+Batch = dict  # input_ids (B, L), attention_mask (B, L), pixel_values, pixel_attention_mask, grids
+
+
+class DivergenceError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class DistillConfig:
+    """One stage's training settings (the command-line flags of the same names)."""
+
+    stage: int = 1
+    steps: int = 200
+    batch_size: int = 2
+    grad_accum: int = 1
+    lr: float | None = None  # None: STAGE_LR[stage]
+    warmup: int = 20
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    temperature: float = 1.0
+    hidden_weight: float = 1.0
+    kl_weight: float = 1.0
+    hidden_target: str = "layer"
+    branches: str | None = None  # None: "flex" in stage 1, "both" after; ablations force one branch
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    eval_every: int = 50
+    save_every: int = 100
+    compile: bool = False
+    grad_checkpointing: bool = False
+    seed: int = 0
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else STAGE_LR[self.stage]
+
+
+# ----------------------------------------------------------------------------------------------
+# What each stage trains
+
+
+def prepare_stage(student: VLM, cfg: DistillConfig) -> dict[str, torch.nn.Parameter]:
+    """Freeze the student, switch its M-MATE branches and unfreeze (or adapt) what the stage trains.
+
+    Returns the trainable parameters by name. Stage 1: Flex-MA; stage 2: the active branches and,
+    with both on, the gate; stage 3: new LoRA adapters on LORA_TARGETS.
+    """
+    branches = cfg.branches or ("flex" if cfg.stage == 1 else "both")
+    if cfg.stage == 1 and branches != "flex":
+        raise ValueError("stage 1 trains Flex-MA alone: leave --branches unset or set it to flex")
+    student.requires_grad_(False)
+    for layer in student.model.text_model.layers:
+        mixer = layer.self_attn
+        mixer.branches = branches
+        if cfg.stage in (1, 2):
+            mixer.flex.requires_grad_(branches != "swin")
+            mixer.swin.requires_grad_(branches != "flex")
+            mixer.gate.requires_grad_(branches == "both")
+    if cfg.stage == 3:
+        add_lora(student, LORA_TARGETS, cfg.lora_rank, cfg.lora_alpha)
+    student.model.text_model.gradient_checkpointing = cfg.grad_checkpointing
+    return trainable_parameters(student)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss
+
+
+def model_inputs(batch: Batch) -> dict:
+    return {k: batch.get(k) for k in ("input_ids", "pixel_values", "pixel_attention_mask", "grids")}
+
+
+def relative_error(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum ||s - t||^2 / sum ||t||^2 over the real tokens: (B, L, D), (B, L, D), (B, L) -> scalar."""
+    diff = (student.float() - teacher.float()).pow(2).sum(-1)
+    return (diff * mask).sum() / (teacher.float().pow(2).sum(-1) * mask).sum()
+
+
+def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+             temperature: float) -> torch.Tensor:
+    """KL(teacher || student) per token at a temperature, times T^2, averaged over real tokens."""
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    per_token = (t.exp() * (t - s)).sum(-1)  # (B, L)
+    return (per_token * mask).sum() / mask.sum() * temperature**2
+
+
+def student_hidden_states(student: VLM, teacher_hidden: list[torch.Tensor], batch: Batch,
+                          cfg: DistillConfig, stream: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    """The student's output of every decoder layer: fed the teacher's input to that layer ("layer")
+    or read off its own end-to-end pass ("stream")."""
+    if cfg.hidden_target == "stream":
+        return stream[1:]
+    text = student.model.text_model
+    layout = TokenLayout.build(batch["input_ids"], student.config.image_token_id, batch["grids"])
+    rope = tuple(t.to(teacher_hidden[0].dtype) for t in text.rotary(layout.positions))
+    return [layer(h, layout, rope)[0] for layer, h in zip(text.layers, teacher_hidden[:-1])]
+
+
+def distill_loss(student: VLM, teacher: VLM, batch: Batch, cfg: DistillConfig) -> tuple[torch.Tensor, dict]:
+    """The stage loss on one batch -> (loss, {"hidden": ..., "kl": ...} as floats)."""
+    inputs = model_inputs(batch)
+    mask = batch["attention_mask"].to(torch.float32)
+    with torch.no_grad():
+        target = teacher(**inputs, output_hidden_states=True)
+    out = student(**inputs, output_hidden_states=cfg.hidden_target == "stream")
+    hidden = student_hidden_states(student, target.hidden_states, batch, cfg, out.hidden_states)
+    hidden_loss = torch.stack([relative_error(s, t, mask) for s, t in zip(hidden, target.hidden_states[1:])]).mean()
+    kl = token_kl(out.logits, target.logits, mask, cfg.temperature)
+    loss = cfg.hidden_weight * hidden_loss + cfg.kl_weight * kl
+    return loss, {"hidden": hidden_loss.item(), "kl": kl.item()}
+
+
+@torch.no_grad()
+def evaluate(student: VLM, teacher: VLM, batches: list[Batch]) -> dict[str, float]:
+    """Held-out agreement with the teacher: per-layer hidden-state cosine similarity, KL and top-1
+    next-token agreement, each averaged over real tokens."""
+    totals = {"cosine": 0.0, "kl": 0.0, "top1": 0.0}
+    tokens = 0.0
+    for batch in batches:
+        inputs, mask = model_inputs(batch), batch["attention_mask"].to(torch.float32)
+        t = teacher(**inputs, output_hidden_states=True)
+        s = student(**inputs, output_hidden_states=True)
+        cosine = torch.stack([F.cosine_similarity(a.float(), b.float(), dim=-1)
+                              for a, b in zip(s.hidden_states[1:], t.hidden_states[1:])]).mean(0)
+        n = mask.sum().item()
+        totals["cosine"] += (cosine * mask).sum().item()
+        totals["kl"] += token_kl(s.logits, t.logits, mask, 1.0).item() * n
+        totals["top1"] += ((s.logits.argmax(-1) == t.logits.argmax(-1)) * mask).sum().item()
+        tokens += n
+    return {k: v / tokens for k, v in totals.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop
+
+
+def cosine_schedule(cfg: DistillConfig) -> Callable[[int], float]:
+    """Linear warm-up to the learning rate, then a cosine decay to zero at the last step."""
+    def factor(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def make_optimizer(params: dict[str, torch.nn.Parameter], cfg: DistillConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases, norms, A_log, D, dt_bias, z_bias)."""
+    decay = [p for p in params.values() if p.dim() >= 2]
+    no_decay = [p for p in params.values() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate, betas=(0.9, 0.95))
+
+
+def save_checkpoint(student: VLM, out_dir: Path, source: Path | None, params: dict, optimizer, scheduler,
+                    step: int, cfg: DistillConfig) -> None:
+    """A loadable model (LoRA merged into a copy in stage 3) plus trainer.pt, as one atomic directory."""
+    model = student
+    if cfg.stage == 3:
+        model = copy.deepcopy(student)
+        merge_lora(model)
+    trainer = {"step": step, "config": asdict(cfg), "trained": {k: p.detach().cpu() for k, p in params.items()},
+               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+               "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                       "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+    save_model(model, out_dir, source=source, extra={"trainer.pt": trainer})
+
+
+def restore_checkpoint(out_dir: Path, params: dict, optimizer, scheduler) -> int:
+    """Load trainer.pt of out_dir into the trained parameters, optimizer, schedule and RNGs -> next step."""
+    path = out_dir / "trainer.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no {path}; run the stage without --resume first")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["trained"].keys() != params.keys():
+        raise ValueError(f"--resume: {path} trained other parameters than this stage; check --stage and --branches")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state["trained"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["step"]
+
+
+def train_stage(student: VLM, teacher: VLM, batch_at: Callable[[int], Batch], eval_batches: list[Batch],
+                cfg: DistillConfig, out_dir: Path | None = None, source: Path | None = None,
+                resume: bool = False, log: Callable[[str], None] = tqdm.write) -> dict:
+    """Run one distillation stage: cfg.steps optimizer steps of cfg.grad_accum micro-batches each.
+
+    batch_at(i) gives micro-batch i (the same i always gives the same batch, so a resumed run sees
+    the data the interrupted one would have). Evaluates every cfg.eval_every steps and at the end,
+    saves every cfg.save_every steps and at the end (if out_dir). Returns the last evaluation with
+    the training-loss history.
+    """
+    params = prepare_stage(student, cfg)
+    optimizer = make_optimizer(params, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(cfg))
+    first = restore_checkpoint(out_dir, params, optimizer, scheduler) if resume else 0
+    if cfg.compile:
+        for layer in student.model.text_model.layers:
+            layer.compile()
+    on_cuda = next(student.parameters()).device.type == "cuda"
+    history = []
+    bar = tqdm(range(first, cfg.steps), initial=first, total=cfg.steps, desc=f"stage {cfg.stage}")
+    student.train()
+    for step in bar:
+        started, tokens = time.perf_counter(), 0
+        optimizer.zero_grad(set_to_none=True)
+        for micro in range(cfg.grad_accum):
+            batch = batch_at(step * cfg.grad_accum + micro)
+            with torch.autocast("cuda", torch.bfloat16, enabled=on_cuda):  # bf16 on CUDA, float32 on CPU
+                loss, parts = distill_loss(student, teacher, batch, cfg)
+            if not torch.isfinite(loss):
+                where = f"; the last good checkpoint in {out_dir} is intact" if out_dir else ""
+                raise DivergenceError(f"stage {cfg.stage}: loss is {loss.item()} at step {step} (hidden {parts['hidden']}, "
+                                      f"kl {parts['kl']}): lower --lr (now {cfg.learning_rate:g}) or check the data{where}")
+            (loss / cfg.grad_accum).backward()
+            tokens += int(batch["attention_mask"].sum())
+        torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.clip)
+        optimizer.step()
+        scheduler.step()
+        history.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.4f}", hidden=f"{parts['hidden']:.4f}", kl=f"{parts['kl']:.4f}",
+                        tok_s=f"{tokens / (time.perf_counter() - started):.0f}")
+        last = step + 1 == cfg.steps
+        if eval_batches and not last and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            student.eval()
+            report(cfg.stage, step + 1, evaluate(student, teacher, eval_batches), log)
+            student.train()
+        if out_dir is not None and (last or (cfg.save_every and (step + 1) % cfg.save_every == 0)):
+            save_checkpoint(student, out_dir, source, params, optimizer, scheduler, step + 1, cfg)
+    student.eval()
+    if cfg.stage == 3:
+        merge_lora(student)
+    final = evaluate(student, teacher, eval_batches) if eval_batches else {}
+    if final:
+        report(cfg.stage, cfg.steps, final, log)
+    return {**final, "losses": history}
+
+
+def report(stage: int, step: int, metrics: dict, log: Callable[[str], None]) -> None:
+    log(f"stage {stage} step {step}: held-out hidden cosine {metrics['cosine']:.4f}  KL {metrics['kl']:.4f}  "
+        f"top-1 agreement {metrics['top1']:.3f}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: a JSONL file of samples, or a small synthetic set
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """One JSON object per line: {"image": path} or {"images": [paths]} or {"video": path (a file, or
+    a folder of frames)}, with "prompt": the user's text and, optionally, "response": the assistant's
+    answer (distilled too when given). Relative paths are relative to the JSONL file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {path} does not exist: give a JSONL file of samples (see distill.py --help)")
+    samples = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            sample = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
+        if "prompt" not in sample:
+            raise ValueError(f"{path}:{number}: a sample needs a \"prompt\"")
+        images = sample.get("images", [sample["image"]] if "image" in sample else [])
+        sample["images"] = [path.parent / p for p in images]
+        if "video" in sample:
+            sample["video"] = path.parent / sample["video"]
+        samples.append(sample)
+    if not samples:
+        raise ValueError(f"{path} holds no samples")
+    return samples
+
+
+def synthetic_samples(count: int, seed: int) -> list[dict]:
+    """Procedural samples, so that distillation runs anywhere: images of coloured rectangles on a
+    gradient and 8-frame videos of a square crossing a gradient, each with a question."""
+    from processing import Video
+
+    g = torch.Generator().manual_seed(seed)
+    prompts = ["Describe this image.", "What shapes and colours do you see?", "Where is the largest shape?"]
+
+    def canvas(height: int, width: int) -> torch.Tensor:
+        ramp = torch.linspace(0, 1, width)[None, None, :] * torch.rand(3, 1, 1, generator=g)
+        return (ramp.expand(3, height, width) * 255).clone()
+
+    samples = []
+    for i in range(count):
+        if i % 4 == 3:
+            frames = []
+            x, y, size = (int(v) for v in torch.randint(0, 200, (3,), generator=g))
+            color = torch.rand(3, 1, 1, generator=g) * 255
+            for t in range(8):
+                frame = canvas(256, 384)
+                frame[:, y // 2:y // 2 + 40 + size // 4, x + 20 * t:x + 20 * t + 40 + size // 4] = color
+                frames.append(frame)
+            video = Video(torch.stack(frames).to(torch.uint8), [float(t) for t in range(8)], 8.0)
+            samples.append({"video": video, "prompt": "What happens in this video?"})
+        else:
+            image = canvas(int(torch.randint(200, 600, ())), int(torch.randint(200, 600, ())))
+            for _ in range(int(torch.randint(1, 5, (1,), generator=g))):
+                top, left, h, w = (int(v) for v in torch.randint(0, 180, (4,), generator=g))
+                image[:, top:top + h + 20, left:left + w + 20] = torch.rand(3, 1, 1, generator=g) * 255
+            samples.append({"images": [image.to(torch.uint8)], "prompt": prompts[i % len(prompts)]})
+    return samples
+
+
+class SampleBatches:
+    """batch_at(i): micro-batch i of an endless sequence of seeded per-epoch shuffles of the samples,
+    put through the processor (chat template, image tiling, video frames) on demand."""
+
+    def __init__(self, samples: list[dict], processor, batch_size: int, seed: int, device: str, shuffle: bool = True):
+        self.samples, self.processor, self.batch_size = samples, processor, batch_size
+        self.seed, self.device, self.shuffle = seed, device, shuffle
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.samples) / self.batch_size)
+
+    def __call__(self, index: int) -> Batch:
+        n = len(self.samples)
+        picks = []
+        for k in range(index * self.batch_size, (index + 1) * self.batch_size):
+            epoch, position = divmod(k, n) if self.shuffle else (0, k)
+            if position >= n:
+                break
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch)) if self.shuffle \
+                else torch.arange(n)
+            picks.append(self.samples[int(order[position])])
+        batch = self.processor.collate([self.process(s) for s in picks])
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def process(self, sample: dict) -> dict:
+        content = [{"type": "image"} for _ in sample.get("images", [])]
+        content += [{"type": "video"}] if sample.get("video") is not None else []
+        messages = [{"role": "user", "content": content + [{"type": "text", "text": sample["prompt"]}]}]
+        if sample.get("response"):
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": sample["response"]}]})
+        return self.processor(messages, images=sample.get("images", []), video=sample.get("video"),
+                              add_generation_prompt=not sample.get("response"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    d = DistillConfig()
+    p = argparse.ArgumentParser(description="LinMU distillation, one stage per run: 1 trains Flex-MA alone, 2 adds "
+                                            "Local-Swin, 3 fine-tunes the MLPs and connector through LoRA.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--stage", type=int, choices=[1, 2, 3], required=True, help="which distillation stage to run")
+    p.add_argument("--student", help=f"checkpoint the stage starts from (default: {DEFAULT_STUDENT} for stage 1, "
+                                     "OUT/stage{N-1} after)")
+    p.add_argument("--teacher", default=DEFAULT_TEACHER, help="the frozen teacher: Hub repo id or local directory")
+    p.add_argument("--out", default=DEFAULT_OUT, help="stage N writes OUT/stageN")
+    p.add_argument("--data", help="JSONL file of samples: {\"image\"|\"images\"|\"video\": ..., \"prompt\": ..., "
+                                  "\"response\": optional}; default: a synthetic set generated in-process")
+    p.add_argument("--synthetic-samples", type=int, default=48, help="size of the synthetic set when --data is not given")
+    p.add_argument("--eval-samples", type=int, default=4, help="samples held out for evaluation")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default per stage: {STAGE_LR})")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps before the cosine decay")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay on matrices")
+    p.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clipping")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="logit-distillation temperature")
+    p.add_argument("--hidden-weight", type=float, default=d.hidden_weight, help="weight of the hidden-state loss")
+    p.add_argument("--kl-weight", type=float, default=d.kl_weight, help="weight of the logit KL loss")
+    p.add_argument("--hidden-target", choices=["layer", "stream"], default=d.hidden_target,
+                   help="student layer inputs for the hidden loss: the teacher's (layer-local) or its own stream")
+    p.add_argument("--branches", choices=["both", "flex", "swin"], default=None,
+                   help="force M-MATE branches (ablations); default: flex in stage 1, both after")
+    p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="LoRA rank (stage 3)")
+    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA alpha (stage 3)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every N steps (0: only at the end)")
+    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the student's decoder layers (default: on for CUDA, off on CPU)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute layers in backward (long videos)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed for data order, synthetic data and LoRA init")
+    p.add_argument("--device", default=default_device(), help="torch device")
+    p.add_argument("--resume", action="store_true", help="continue OUT/stageN from its trainer.pt")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    from processing import Processor
+
+    cfg = DistillConfig(**{k: getattr(args, k) for k in DistillConfig.__dataclass_fields__ if k != "compile"},
+                        compile=args.compile if args.compile is not None else args.device.startswith("cuda"))
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    init = Path(args.student or (DEFAULT_STUDENT if cfg.stage == 1 else Path(args.out) / f"stage{cfg.stage - 1}"))
+    if not (init / "config.json").is_file():
+        make = "python convert.py" if cfg.stage == 1 else f"python distill.py --stage {cfg.stage - 1} --out {args.out}"
+        raise SystemExit(f"distill.py: error: no student checkpoint at {init}: create it with `{make}` "
+                         "(or pass --student)")
+    try:
+        student = load_model(init, args.device)
+        if student.config.linmu is None:
+            raise ValueError(f"{init} is not a LinMU student (its config.json has no \"linmu\" entry): "
+                             f"convert it with `python convert.py --model {init}`")
+        teacher = load_model(resolve_checkpoint(args.teacher), args.device).requires_grad_(False)
+        if teacher.config.text != student.config.text:
+            raise ValueError(f"the teacher {args.teacher} has other decoder sizes than the student {init}: "
+                             "pass the --teacher it was converted from")
+        processor = Processor.from_pretrained(init)
+        if args.data:
+            samples = read_jsonl(args.data)
+        else:
+            samples = synthetic_samples(args.synthetic_samples, cfg.seed)
+            tqdm.write(f"no --data given: distilling on {len(samples)} synthetic samples generated in-process "
+                       "(procedural images and videos; pass --data for real ones)")
+        if len(samples) <= args.eval_samples:
+            raise ValueError(f"{len(samples)} samples cannot spare {args.eval_samples} for evaluation: "
+                             "give more samples or lower --eval-samples")
+        held_out = SampleBatches(samples[:args.eval_samples], processor, cfg.batch_size, cfg.seed, args.device, shuffle=False)
+        batches = SampleBatches(samples[args.eval_samples:], processor, cfg.batch_size, cfg.seed, args.device)
+        out_dir = Path(args.out) / f"stage{cfg.stage}"
+        result = train_stage(student, teacher, batches, [held_out(i) for i in range(len(held_out))], cfg,
+                             out_dir=out_dir, source=init, resume=args.resume)
+    except (FileNotFoundError, ConnectionError, PermissionError, ValueError, DivergenceError) as error:
+        raise SystemExit(f"distill.py: error: {error}") from None
+    print(f"stage {cfg.stage} done: held-out hidden cosine {result['cosine']:.4f}, KL {result['kl']:.4f}, "
+          f"top-1 agreement {result['top1']:.3f}; student written to {out_dir}")
+    if cfg.stage < 3:
+        teacher_flag = "" if args.teacher == DEFAULT_TEACHER else f" --teacher {args.teacher}"
+        print(f"next: python distill.py --stage {cfg.stage + 1} --out {args.out}{teacher_flag}")
+
+
+if __name__ == "__main__":
+    main()
