@@ -261,10 +261,11 @@ class FlexMA(nn.Module):
         self.z_bias = nn.Parameter(torch.ones(self.d_inner))
         self.conv_forward = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.conv_kernel, groups=self.conv_dim)
         self.conv_backward = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.conv_kernel, groups=self.conv_dim)
-        # Mamba2's defaults: dt log-uniform in [1e-3, 1e-1] (stored through softplus's inverse), A in [1, 16].
-        dt = torch.exp(torch.empty(heads).uniform_(math.log(1e-3), math.log(1e-1)))
+        # Mamba2's ranges, spread evenly over the heads instead of drawn at random (so conversion is
+        # deterministic): dt log-spaced in [1e-3, 1e-1] (stored through softplus's inverse), A in [1, 16].
+        dt = torch.logspace(-3, -1, heads)
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
-        self.A_log = nn.Parameter(torch.empty(heads).uniform_(1, 16).log())
+        self.A_log = nn.Parameter(torch.linspace(1, 16, heads).log())
         self.D = nn.Parameter(torch.zeros(heads))
         self.norm = RMSNorm(head_dim, eps)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
@@ -481,7 +482,8 @@ class MMATE(nn.Module):
         (scaled by 1/sqrt(head_dim), attention's temperature), B <- W_K, x <- W_V, out_proj <- W_O,
         with K and V rows repeated from the kv heads to every query head (GQA). The rest is ours:
         the convolutions start as the identity (last tap 1), W_z and the dt rows as 0 (so the gate
-        and dt start input-independent), D as 0; dt_bias and A_log keep Mamba2's initialization.
+        and dt start input-independent), D as 0; dt_bias and A_log span Mamba2's ranges over the heads.
+        The result is a deterministic function of the attention weights.
         """
         heads, kv_heads, head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         layer = cls(d_model, heads, kv_heads, head_dim, cfg, shifted, eps).to(attn.q_proj.weight)

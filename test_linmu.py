@@ -753,6 +753,86 @@ def tiny_hub(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_hub"))
 
 
+def image_batch(checkpoint, prompt="Describe.", seed=0, size=(50, 90)):
+    processor = P.Processor.from_pretrained(checkpoint)
+    return processor([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
+                     images=[random_image(*size, seed)])
+
+
+def test_convert_writes_a_student_that_loads_back_exactly(tiny_hub, tmp_path):
+    import convert
+
+    convert.main(["--model", str(tiny_hub), "--out", str(tmp_path / "student"), "--text-window", "16"])
+    student = load_model(tmp_path / "student")
+    expected = linmu.convert_to_linmu(load_model(tiny_hub), MixerConfig(text_window=16))
+    assert student.config.linmu == MixerConfig(text_window=16)
+    assert all(isinstance(layer.self_attn, MMATE) for layer in student.model.text_model.layers)
+    assert [layer.self_attn.swin.shifted for layer in student.model.text_model.layers] == [False, True]
+    assert (tmp_path / "student" / "tokenizer.json").is_file()
+    batch = image_batch(tmp_path / "student")
+    with torch.no_grad():
+        got = student(batch["input_ids"], batch["pixel_values"], grids=batch["grids"]).logits
+        want = expected(batch["input_ids"], batch["pixel_values"], grids=batch["grids"]).logits
+    assert torch.equal(got, want)
+
+
+def test_fresh_student_equals_teacher_where_the_initialization_is_exact(tiny_hub):
+    """Local-Swin takes the teacher's q/k/v/o and RoPE: on text shorter than its window it IS the
+    teacher's attention. Flex-MA (linear attention without softmax) and visual windows are approximations
+    that distillation closes, so those are not exact at initialization."""
+    teacher = load_model(tiny_hub)
+    student = linmu.convert_to_linmu(teacher, MixerConfig(text_window=32, branches="swin"))
+    ids = torch.randint(0, 250, (2, 32))
+    with torch.no_grad():
+        assert torch.allclose(student(ids).logits, teacher(ids).logits, rtol=0, atol=1e-5)
+        longer = torch.randint(0, 250, (2, 48))  # beyond the window the student forgets, so it must differ
+        assert not torch.allclose(student(longer).logits[:, 40:], teacher(longer).logits[:, 40:], atol=1e-3)
+
+
+def test_student_decoding_equals_full_forward(tiny_hub):
+    student = linmu.convert_to_linmu(load_model(tiny_hub), MixerConfig(text_window=8, chunk_size=16))
+    for layer in student.model.text_model.layers:
+        torch.nn.init.normal_(layer.self_attn.gate.weight)  # make the per-token gate matter
+    batch = image_batch(tiny_hub)
+    ids, pixels, grids = batch["input_ids"], batch["pixel_values"], batch["grids"]
+    new = linmu.generate(student, ids, pixels, grids=grids, max_new_tokens=12)
+    assert new.shape == (1, 12)
+    with torch.no_grad():
+        full = student(torch.cat([ids, new], 1), pixels, grids=grids).logits
+        out = student(ids, pixels, grids=grids)
+        stepwise = [out.logits[:, -1]]
+        for i in range(11):
+            out = student(new[:, i:i + 1], caches=out.caches, start=ids.shape[1] + i)
+            stepwise.append(out.logits[:, -1])
+    assert torch.allclose(torch.stack(stepwise, 1), full[:, ids.shape[1] - 1:-1], rtol=0, atol=1e-4)
+    assert torch.equal(full[:, ids.shape[1] - 1:-1].argmax(-1), new)  # greedy decoding picked these tokens
+
+
+def test_generation_command_line_runs_on_teacher_and_student(tiny_hub, tmp_path, capsys):
+    image = tmp_path / "image.png"
+    TF.to_pil_image(random_image(30, 40, 1)).save(image)
+    student = save_model(linmu.convert_to_linmu(load_model(tiny_hub)), tmp_path / "student", source=tiny_hub)
+    for model in (tiny_hub, student):
+        linmu.main(["--model", str(model), "--image", str(image), "--prompt", "What?", "--max-new-tokens", "4",
+                    "--temperature", "0.8", "--top-p", "0.9"])
+        assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("model, message", [
+    ("does/not-exist-here", "offline and not in the Hugging Face cache"),
+    ("./no/such/dir", "does not exist"),
+])
+def test_convert_gives_one_line_errors(model, message, tmp_path, monkeypatch, capsys):
+    import convert
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        convert.main(["--model", model, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
 # ----------------------------------------------------------------------------------------------
 # 7. Input preparation (processing.py), against transformers' own SmolVLMProcessor
 
@@ -998,3 +1078,158 @@ def test_load_image_converts_to_rgb(processor, tmp_path):
     assert P.load_image(tmp_path / "rgba.png").shape == (3, 20, 30)
     out = processor("<image>", images=[tmp_path / "gray.png"])  # paths are loaded with load_image
     assert out["grids"] == [[(1, 8, 8)] * 13]  # 3 x 4 tiles + global
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Distillation (distill.py)
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_hub):
+    """The tiny teacher and a processor-made stream of batches (images and a video) for distillation."""
+    import distill
+
+    teacher = load_model(tiny_hub).requires_grad_(False)
+    samples = distill.synthetic_samples(8, seed=0)
+    batches = distill.SampleBatches(samples, P.Processor.from_pretrained(tiny_hub), 2, seed=0, device="cpu")
+    return teacher, batches
+
+
+def fresh_student(teacher):
+    torch.manual_seed(0)
+    return linmu.convert_to_linmu(teacher, MixerConfig(text_window=16, chunk_size=16))
+
+
+STAGE_TRAINS = {  # parameter-name fragments each stage must train, and only those
+    1: ("self_attn.flex.",),
+    2: ("self_attn.flex.", "self_attn.swin.", "self_attn.gate."),
+    3: ("lora_A", "lora_B"),
+}
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_each_stage_trains_exactly_its_parameters(pair, stage):
+    import distill
+
+    teacher, batches = pair
+    student = fresh_student(teacher)
+    cfg = distill.DistillConfig(stage=stage)
+    params = distill.prepare_stage(student, cfg)
+    assert params and all(any(f in name for f in STAGE_TRAINS[stage]) for name in params)
+    if stage == 3:
+        assert {n.rsplit(".", 1)[0].split(".")[-1] for n in params} == {"gate_proj", "up_proj", "down_proj", "proj"}
+        for m in student.modules():  # LoRA B starts at zero (so A gets no gradient): make the adapters matter
+            if isinstance(m, LoRALinear):
+                nn.init.normal_(m.lora_B, std=0.1)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    optimizer = distill.make_optimizer(params, cfg)
+    loss, _ = distill.distill_loss(student, teacher, batches(0), cfg)
+    loss.backward()
+    with_grad = {n for n, p in student.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad == set(params)
+    optimizer.step()
+    changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == set(params)
+    assert all(layer.self_attn.branches == ("flex" if stage == 1 else "both") for layer in student.model.text_model.layers)
+
+
+def test_distillation_loss_falls(pair):
+    import distill
+
+    teacher, batches = pair
+    student = fresh_student(teacher)
+    cfg = distill.DistillConfig(stage=2, steps=30, warmup=3, eval_every=0)
+    batch = batches(0)  # one batch throughout, so the loss curve is not data noise
+    result = distill.train_stage(student, teacher, lambda i: batch, [batches(1)], cfg)
+    losses = result["losses"]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert result["top1"] > distill.evaluate(fresh_student(teacher), teacher, [batches(1)])["top1"]
+
+
+def test_resume_continues_with_the_identical_next_loss(pair, tmp_path):
+    import distill
+
+    teacher, batches = pair
+    cfg = distill.DistillConfig(stage=3, steps=6, warmup=2, eval_every=0, save_every=2)
+    uninterrupted = distill.train_stage(fresh_student(teacher), teacher, batches, [], cfg)["losses"]
+
+    def interrupted(i):
+        if i == 4:
+            raise KeyboardInterrupt
+        return batches(i)
+
+    with pytest.raises(KeyboardInterrupt):
+        distill.train_stage(fresh_student(teacher), teacher, interrupted, [], cfg, out_dir=tmp_path / "stage3")
+    assert torch.load(tmp_path / "stage3" / "trainer.pt", weights_only=False)["step"] == 4
+    resumed = distill.train_stage(fresh_student(teacher), teacher, batches, [], cfg, out_dir=tmp_path / "stage3",
+                                  resume=True)["losses"]
+    assert resumed == uninterrupted[4:]  # bitwise: same parameters, optimizer, schedule and batches
+    merged = load_model(tmp_path / "stage3")  # stage 3 saves LoRA merged into a loadable model
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+
+
+def test_divergence_stops_with_the_last_checkpoint_intact(pair, tmp_path):
+    import distill
+
+    teacher, batches = pair
+    cfg = distill.DistillConfig(stage=1, steps=4, warmup=1, eval_every=0, save_every=1)
+
+    def poisoned(i):
+        batch = batches(i)
+        if i == 2:
+            batch = {**batch, "pixel_values": batch["pixel_values"] * float("nan")}
+        return batch
+
+    with pytest.raises(distill.DivergenceError, match="loss is nan at step 2.*lower --lr.*is intact"):
+        distill.train_stage(fresh_student(teacher), teacher, poisoned, [], cfg, out_dir=tmp_path / "stage1")
+    assert torch.load(tmp_path / "stage1" / "trainer.pt", weights_only=False)["step"] == 2
+    assert load_model(tmp_path / "stage1").config.linmu is not None
+
+
+def test_token_kl_is_a_per_token_mean_that_ignores_padding():
+    import distill
+
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float32)
+    reference = F.kl_div(F.log_softmax(s / 2, -1)[mask.bool()], F.log_softmax(t / 2, -1)[mask.bool()],
+                         log_target=True, reduction="sum") / 8 * 4
+    assert torch.allclose(distill.token_kl(s, t, mask, 2.0), reference)
+    longer = torch.cat([s, torch.randn(2, 9, 7) * 50], 1), torch.cat([t, torch.randn(2, 9, 7)], 1)
+    assert torch.allclose(distill.token_kl(*longer, F.pad(mask, (0, 9)), 2.0), reference)
+
+
+def test_compiled_and_eager_losses_agree(pair):
+    import distill
+
+    teacher, batches = pair
+    student = fresh_student(teacher)
+    cfg = distill.DistillConfig(stage=2)
+    distill.prepare_stage(student, cfg)
+    batch = batches(1)
+    eager, _ = distill.distill_loss(student, teacher, batch, cfg)
+    for layer in student.model.text_model.layers:
+        layer.compile()
+    compiled, _ = distill.distill_loss(student, teacher, batch, cfg)
+    assert abs(compiled.item() - eager.item()) < 1e-4
+
+
+def test_distill_command_line_names_the_missing_step(tmp_path):
+    import distill
+
+    with pytest.raises(SystemExit, match="create it with `python convert.py`"):
+        distill.main(["--stage", "1", "--student", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match=r"create it with `python distill.py --stage 1"):
+        distill.main(["--stage", "2", "--out", str(tmp_path)])
+
+
+def test_distill_command_line_runs_a_stage_from_jsonl(tiny_hub, tmp_path):
+    import distill
+
+    student = save_model(linmu.convert_to_linmu(load_model(tiny_hub)), tmp_path / "student", source=tiny_hub)
+    TF.to_pil_image(random_image(30, 40, 1)).save(tmp_path / "a.png")
+    lines = [{"image": "a.png", "prompt": f"Question {i}?", "response": "An answer."} for i in range(4)]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    distill.main(["--stage", "1", "--student", str(student), "--teacher", str(tiny_hub), "--out", str(tmp_path / "out"),
+                  "--data", str(tmp_path / "data.jsonl"), "--eval-samples", "1", "--steps", "2", "--no-compile"])
+    assert load_model(tmp_path / "out" / "stage1").config.linmu is not None
