@@ -1,4 +1,4 @@
-"""Convert a SmolVLM2 checkpoint into a LinMU student (LinMU Sec. 3: initialization from attention).
+"""Convert a SmolVLM2 checkpoint into a LinMU student, both M-MATE branches initialized from attention.
 
     python convert.py --model HuggingFaceTB/SmolVLM2-256M-Video-Instruct --out checkpoints/linmu-smolvlm2-256m
 

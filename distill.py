@@ -1,4 +1,4 @@
-"""LinMU's three-stage distillation (LinMU Sec. 4): a converted student learns to match its teacher.
+"""LinMU's three-stage distillation framework: a converted student learns to match its frozen teacher.
 
     python convert.py                 # once: SmolVLM2-256M -> checkpoints/linmu-smolvlm2-256m
     python distill.py --stage 1       # Flex-MA alone          -> checkpoints/distill/stage1

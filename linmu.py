@@ -142,7 +142,7 @@ class KVCache:
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. The chunked SSD scan (Mamba2's state space duality; LinMU Sec. 3, Flex-MA's engine)
+# 1. The chunked SSD scan (Mamba2's state space duality, Dao & Gu 2024): the engine of Flex-MA
 
 
 def segment_sum(a: Tensor) -> Tensor:
@@ -217,7 +217,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Flex-MA: the bidirectional Mamba2-style global branch (LinMU Sec. 3.2)
+# 2. Flex-MA: the paper's bidirectional state-space branch for global context
 
 
 @dataclass
@@ -321,7 +321,7 @@ class FlexMA(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Local-Swin: shifted-window attention for adjacent tokens (LinMU Sec. 3.3)
+# 3. Local-Swin: the paper's Swin-style window attention branch for adjacent correlations
 
 
 def swin_windows(layout: TokenLayout, window: tuple[int, int, int], shifted: bool) -> tuple[Tensor, Tensor]:
@@ -441,7 +441,7 @@ class LocalSwin(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. M-MATE: the two branches, fused per token (LinMU Sec. 3.1), initialized from attention
+# 4. M-MATE: the paper's dual-branch block that replaces each decoder self-attention
 
 
 @dataclass
@@ -1088,8 +1088,8 @@ class VLM(nn.Module):
 
 
 def convert_to_linmu(teacher: VLM, mixer: MixerConfig | None = None) -> VLM:
-    """The LinMU student of a teacher (LinMU Sec. 3): a copy whose every decoder self-attention is
-    replaced by an M-MATE layer initialized from it (MMATE.from_attention, shifted windows in odd
+    """The LinMU student of a teacher: a copy whose every decoder self-attention is replaced by an
+    M-MATE layer initialized from it (MMATE.from_attention, shifted windows in odd
     layers); the vision encoder, connector, MLPs, norms, embeddings and head are the teacher's."""
     mixer = mixer or MixerConfig()
     student = copy.deepcopy(teacher)
