@@ -153,16 +153,33 @@ def segment_sum(a: Tensor) -> Tensor:
     """
     T = a.size(-1)
     a = a[..., None].expand(*a.shape, T)  # (..., T, T), a[..., i, j] = a_i
-    strictly_lower = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(-1)
-    sums = a.masked_fill(~strictly_lower, 0).cumsum(dim=-2)
-    return sums.masked_fill(~strictly_lower.logical_or(torch.eye(T, dtype=torch.bool, device=a.device)), -math.inf)
+    above = torch.ones(T, T, dtype=torch.bool, device=a.device).triu()  # j >= i
+    sums = a.masked_fill(above, 0).cumsum(dim=-2)
+    return sums.masked_fill_(above.triu(1), -math.inf)  # in place: cumsum's backward does not need its output
+
+
+@torch.compiler.disable  # small sequential steps: torch.compile would only unroll the loop, once per length
+def carry_across_chunks(chunk_states: Tensor, chunk_decay: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+    """SSD's step 3: state_c = decay_c * state_{c-1} + chunk_states_c, one chunk at a time.
+
+    chunk_states: (c, B, H, P, N); chunk_decay: (c, B, H, 1, 1); state: (B, H, P, N) before the first chunk.
+    Returns the state entering each chunk (B, H, c, P, N) and the state after the last one."""
+    entering = []
+    for c in range(chunk_states.shape[0]):
+        entering.append(state)
+        state = torch.addcmul(chunk_states[c], chunk_decay[c], state)
+    return torch.stack(entering, dim=2), state
+
+
+SCAN_PIECE_CHUNKS = 64  # ssd_scan works on at most this many chunks at a time: bounded temporaries, same result
 
 
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
-             initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+             initial_state: Tensor | None = None, exclusive: bool = False) -> tuple[Tensor, Tensor]:
     """The selective-SSM recurrence, computed chunk by chunk (Mamba2's SSD algorithm).
 
         h_t = exp(dt_t * A) * h_{t-1} + dt_t * (x_t outer B_t),    y_t = h_t . C_t
+    or with exclusive=True, y_t = exp(dt_t * A) h_{t-1} . C_t: the output leaves out token t's own input.
 
     x: (B, L, H, P); dt: (B, L, H), positive; A: (H,), negative; B, C: (B, L, G, N), H a multiple
     of G; initial_state: (B, H, P, N) or None (zeros). Returns y (B, L, H, P) in x's dtype and the
@@ -171,17 +188,27 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     Four steps per chunk of Q tokens: (1) outputs from inputs inside the chunk, a Q x Q masked
     matmul; (2) each chunk's state from its own inputs; (3) a recurrence carrying the state from
     chunk to chunk; (4) outputs from the carried-in state. The cost is O(L Q (N + P) H): linear in L.
+    A long sequence is scanned in pieces of SCAN_PIECE_CHUNKS chunks, each continuing from the
+    state the previous one ends in: the same result, with temporaries that do not grow with L.
     """
     batch, length, heads, head_dim = x.shape
     if heads % B.shape[2]:
         raise ValueError(f"ssd_scan: {heads} heads is not a multiple of {B.shape[2]} B/C groups")
+    piece = SCAN_PIECE_CHUNKS * chunk_size
+    if length > piece:  # piece by piece, each starting from the state the previous one ends in
+        ys, state = [], initial_state
+        for start in range(0, length, piece):
+            part = slice(start, start + piece)
+            y, state = ssd_scan(x[:, part], dt[:, part], A, B[:, part], C[:, part], chunk_size, state, exclusive)
+            ys.append(y)
+        return torch.cat(ys, dim=1), state
     out_dtype = x.dtype
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     pad = -length % chunk_size  # padded steps have dt = 0: no input and no decay, state unchanged
     chunks = (length + pad) // chunk_size
 
     def chunked(t: Tensor) -> Tensor:  # (B, L, H, ...) -> (B, H, c, Q, ...), one copy
-        t = F.pad(t.to(acc), (0, 0) * (t.dim() - 2) + (0, pad))
+        t = F.pad(t.to(acc), (0, 0) * (t.dim() - 2) + (0, pad)) if pad else t.to(acc)
         return t.reshape(batch, chunks, chunk_size, *t.shape[2:]).movedim(3, 1).contiguous()
 
     if heads != B.shape[2]:
@@ -191,8 +218,11 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     log_decay = dt * A.to(acc)[:, None, None]  # (B, H, c, Q)
     cum = log_decay.cumsum(dim=-1)
 
-    # 1. Within each chunk: y_i = sum_{j <= i} (C_i . B_j) exp(a_{j+1} + ... + a_i) dt_j x_j
-    scores = (C @ B.transpose(-1, -2)) * segment_sum(log_decay).exp()  # (B, H, c, Q, Q)
+    # 1. Within each chunk: y_i = sum_{j <= i} (C_i . B_j) exp(a_{j+1} + ... + a_i) dt_j x_j (j < i if exclusive)
+    decay = segment_sum(log_decay)  # (B, H, c, Q, Q)
+    if exclusive:
+        decay.diagonal(dim1=-2, dim2=-1).fill_(-math.inf)
+    scores = (C @ B.transpose(-1, -2)) * decay.exp_()  # in place: exp's backward reads its output
     y = scores @ x_dt  # (B, H, c, Q, P)
 
     # 2. Each chunk's final state from its own inputs, decayed to the chunk's end
@@ -204,11 +234,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     chunk_states = chunk_states.movedim(2, 0).contiguous()  # (c, B, H, P, N)
     state = (torch.zeros(batch, heads, head_dim, B.shape[-1], dtype=acc, device=x.device)
              if initial_state is None else initial_state.to(acc))
-    entering = []
-    for c in range(chunks):
-        entering.append(state)
-        state = torch.addcmul(chunk_states[c], chunk_decay[c], state)
-    entering = torch.stack(entering, dim=2)  # (B, H, c, P, N)
+    entering, state = carry_across_chunks(chunk_states, chunk_decay, state)  # (B, H, c, P, N), (B, H, P, N)
 
     # 4. Outputs from the carried-in state, decayed to each position
     y = y + (C * cum.exp()[..., None]) @ entering.transpose(-1, -2)  # (B, H, c, Q, P)
@@ -242,8 +268,8 @@ class FlexMA(nn.Module):
     Our choices where the paper is silent:
       * no token is counted twice: the forward scan covers s <= t (its own token included, like
         causal attention), the backward scan s > t: its own diagonal term (C_t . B_t) dt_t x_t is
-        subtracted (Hydra drops both diagonals through a one-step shift and adds a D term; keeping
-        the forward diagonal keeps text tokens exactly Mamba2);
+        left out (ssd_scan's exclusive mode; Hydra drops both diagonals through a one-step shift
+        and adds a D term; keeping the forward diagonal keeps text tokens exactly Mamba2);
       * D x_t is added once, from the forward features;
       * heads = attention heads, head dim P = attention head dim, one B/C group per head and state
         size N = head dim, so that the attention weights map onto it (see MMATE.from_attention);
@@ -275,10 +301,17 @@ class FlexMA(nn.Module):
         return self.in_proj(u).split([self.d_inner, self.conv_dim, self.heads], dim=-1)
 
     def _features(self, xBC: Tensor, conv: nn.Conv1d) -> tuple[Tensor, Tensor, Tensor]:
-        """Causal depthwise conv + SiLU, then split: (B, L, conv_dim) -> x (B, L, H, P), B and C (B, L, H, N)."""
-        length = xBC.shape[1]
-        xBC = F.silu(conv(F.pad(xBC.transpose(1, 2), (conv.kernel_size[0] - 1, 0))).transpose(1, 2))
-        x, B, C = xBC.split([self.d_inner, self.d_inner, self.d_inner], dim=-1)
+        """Causal depthwise conv + SiLU, then split: (B, L, conv_dim) -> x (B, L, H, P), B and C (B, L, H, N).
+
+        The convolution is written as K shifted multiply-adds along the sequence: for depthwise
+        kernels this is faster than nn.Conv1d and needs no transposes."""
+        length, K = xBC.shape[1], conv.kernel_size[0]
+        padded = F.pad(xBC, (0, 0, K - 1, 0))  # (B, K - 1 + L, conv_dim)
+        weight = conv.weight[:, 0]  # (conv_dim, K)
+        out = torch.addcmul(conv.bias, padded[:, :length], weight[:, 0])
+        for k in range(1, K):
+            out.addcmul_(padded[:, k:k + length], weight[:, k])  # in place: addcmul's backward does not read out
+        x, B, C = F.silu(out).split([self.d_inner, self.d_inner, self.d_inner], dim=-1)
         return (x.reshape(-1, length, self.heads, self.head_dim),
                 B.reshape(-1, length, self.heads, self.d_state), C.reshape(-1, length, self.heads, self.d_state))
 
@@ -298,12 +331,11 @@ class FlexMA(nn.Module):
         if visual.any():
             keep = visual[..., None]
             xb, Bb, Cb = self._features((xBC * keep).flip(1), self.conv_backward)
-            dtb = (dt * keep).flip(1)
-            yb, _ = ssd_scan(xb, dtb, A, Bb, Cb, self.chunk_size)
-            own = (Cb * Bb).sum(-1, keepdim=True) * dtb[..., None] * xb  # (B, L, H, P): the s = t term
-            y = y + (yb - own).flip(1) * keep[..., None]  # s > t, visual tokens only
+            yb, _ = ssd_scan(xb, (dt * keep).flip(1), A, Bb, Cb, self.chunk_size, exclusive=True)  # s > t
+            y = y + yb.flip(1) * keep[..., None]  # visual tokens only
         K = self.conv_forward.kernel_size[0]
-        conv_state = F.pad(xBC.transpose(1, 2), (K - 1, 0))[..., xBC.shape[1]:]  # (B, C, K-1): last K-1 inputs
+        last = xBC[:, max(0, xBC.shape[1] - (K - 1)):].transpose(1, 2)  # the last K-1 inputs (fewer for short prompts)
+        conv_state = F.pad(last, (K - 1 - last.shape[-1], 0))  # (B, C, K-1)
         return self._output(y, z), FlexMACache(conv_state, ssm)
 
     def step(self, u: Tensor, cache: FlexMACache) -> tuple[Tensor, FlexMACache]:

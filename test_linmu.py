@@ -15,6 +15,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
+import bench
 import linmu
 import processing as P
 
@@ -1233,3 +1234,85 @@ def test_distill_command_line_runs_a_stage_from_jsonl(tiny_hub, tmp_path):
     distill.main(["--stage", "1", "--student", str(student), "--teacher", str(tiny_hub), "--out", str(tmp_path / "out"),
                   "--data", str(tmp_path / "data.jsonl"), "--eval-samples", "1", "--steps", "2", "--no-compile"])
     assert load_model(tmp_path / "out" / "stage1").config.linmu is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. bench.py, end to end on a tiny configuration (not a timing assertion: CI machines are noisy)
+
+
+BENCH_TINY = {
+    "model_type": "smolvlm", "image_token_id": 99, "scale_factor": 2,
+    "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                      "image_size": 32, "patch_size": 8},  # 4 x 4 patches, pixel-shuffled to 2 x 2 = 4 tokens a frame
+    "text_config": {"model_type": "llama", "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
+                    "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8},
+}
+BENCH_SMALLEST = ["--frames", "2,3", "--lengths", "160,200", "--tiles", "2x2", "--vision-frames", "2", "--layers", "2",
+            "--new-tokens", "2", "--batch", "2", "--warmup", "1", "--repeats", "1", "--threads", "1"]
+
+
+@pytest.fixture
+def bench_config(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(BENCH_TINY))
+    return path
+
+
+def test_bench_runs_its_smallest_configuration_end_to_end(bench_config, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench.main(["--config", str(bench_config), *BENCH_SMALLEST, "--json", str(out), "--plot", str(tmp_path / "bench.png")])
+    printed = capsys.readouterr().out
+    assert "torch " + torch.__version__ in printed and "decoder 2 of 3 layers" in printed
+    assert "log-log slope" in printed and "crossover" in printed
+    assert "plot written" in printed or "matplotlib is not installed" in printed
+    results = json.loads(out.read_text())
+    rows = {r["workload"]: r for r in results["results"]}
+    assert list(rows) == ["image", "hi-res 2x2+1", "video 2 s", "video 3 s", "text 160", "text 200"]
+    assert [rows[w]["tokens"] for w in rows] == [
+        bench.PREFIX_TOKENS + 4 + 2 + bench.QUESTION_TOKENS,  # one 2 x 2 tile and its marker
+        bench.PREFIX_TOKENS + 5 * (4 + 2) + bench.QUESTION_TOKENS,  # 2 x 2 tiles + the global image
+        bench.PREFIX_TOKENS + 2 * (4 + 10) + bench.QUESTION_TOKENS, bench.PREFIX_TOKENS + 3 * (4 + 10) + bench.QUESTION_TOKENS,
+        160, 200]
+    for row in rows.values():
+        for model in bench.MODELS:
+            r = row[model]
+            assert r["prefill_s"] > 0 and r["decode_tok_s_b1"] > 0 and r["decode_tok_s_b2"] > 0
+            assert ("ttft_s" in r) == (0 < row["frames"] <= 2)  # the vision encoder ran only where asked
+    short, long = rows["text 160"], rows["text 200"]  # both longer than Local-Swin's text window (128)
+    assert long["attention"]["cache_mib"] > short["attention"]["cache_mib"]  # the KV cache grows
+    assert long["linmu"]["cache_mib"] == short["linmu"]["cache_mib"]  # LinMU's state does not
+
+
+def test_bench_workload_ids_place_the_visual_tokens_of_every_grid(bench_config):
+    config = VLMConfig.from_hf_dict(BENCH_TINY)
+    for load in bench.workloads(config, (1, 2), [3], [20]):
+        ids = load.input_ids(config, torch.Generator().manual_seed(0))
+        assert ids.shape == (1, load.tokens) and int((ids == 99).sum()) == load.visual_tokens
+
+
+def test_bench_times_a_converted_checkpoint_against_a_loaded_teacher(tmp_path, capsys):
+    torch.manual_seed(0)
+    teacher = VLM(VLMConfig.from_hf_dict(BENCH_TINY))
+    save_model(teacher, tmp_path / "teacher")
+    save_model(linmu.convert_to_linmu(teacher), tmp_path / "student")
+    rows = bench.main(["--model", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
+                       "--tiles", "none", "--frames", "2", "--lengths", "", "--vision-frames", "0",
+                       "--new-tokens", "1", "--batch", "2", "--warmup", "0", "--repeats", "1", "--threads", "1",
+                       "--plot", str(tmp_path / "bench.png")])
+    assert [r["workload"] for r in rows] == ["image", "video 2 s"]
+    assert "student " + str(tmp_path / "student") in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tiles", "0x4"], "expected ROWSxCOLS"),
+    (["--frames", "8,-1"], "positive integers"),
+    (["--variants", "fast"], "expected eager, compile"),
+    (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--config", "/nonexistent/config.json"], "--config /nonexistent/config.json"),
+    (["--layers", "9"], "--layers 9 but the model has 3 decoder layers"),
+])
+def test_bench_bad_input_gives_a_one_line_error(bench_config, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        bench.main(["--config", str(bench_config), *BENCH_SMALLEST, *argv])
+    error = (capsys.readouterr().err.strip() or str(exit.value)).splitlines()[-1]  # after argparse's usage lines
+    assert exit.value.code != 0 and error.startswith("bench.py: error: ") and message in error
