@@ -457,7 +457,7 @@ class LocalSwin(nn.Module):
             gather = lambda t: t.flatten(0, 1)[index].transpose(1, 2)  # (B*L, h, Dh) -> (W, h, S, Dh)
             windowed = F.scaled_dot_product_attention(gather(q), gather(k), gather(v),
                                                       attn_mask=valid[:, None, None, :])
-            out = out.flatten(0, 1).index_put((index[valid],), windowed.transpose(1, 2)[valid]).unflatten(0, (batch, length))
+            out = out.flatten(0, 1).index_copy(0, index[valid], windowed.transpose(1, 2)[valid]).unflatten(0, (batch, length))
         first = max(0, length - (self.text_window - 1))
         cache = KVCache(k[:, first:].transpose(1, 2), v[:, first:].transpose(1, 2))
         return self.o_proj(out.flatten(2)), cache
