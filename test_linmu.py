@@ -17,6 +17,7 @@ from torchvision.transforms.v2 import functional as TF
 
 import bench
 import linmu
+import toy
 import processing as P
 
 ROOT = Path(__file__).parent
@@ -1316,3 +1317,34 @@ def test_bench_bad_input_gives_a_one_line_error(bench_config, argv, message, cap
         bench.main(["--config", str(bench_config), *BENCH_SMALLEST, *argv])
     error = (capsys.readouterr().err.strip() or str(exit.value)).splitlines()[-1]  # after argparse's usage lines
     assert exit.value.code != 0 and error.startswith("bench.py: error: ") and message in error
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. toy.py: the whole distillation pipeline, shortened
+
+
+def test_toy_task_is_deterministic_and_answers_match_the_video():
+    task = toy.Task()
+    a, b = toy.make_batch(task, 4, seed=7), toy.make_batch(task, 4, seed=7)
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
+    assert a["input_ids"].shape == (4, task.length) and a["pixel_values"].shape == (4 * task.frames, 3, 32, 32)
+    assert int((a["input_ids"] == task.token("<image>")).sum()) == 4 * task.frames * task.grid**2
+    words = [task.vocabulary[i] for i in a["input_ids"][0, -5:]]
+    assert words[0] == "ask" and words[2].startswith("row") and words[3].startswith("col") and words[4] in toy.MOVES
+    # the asked colour is painted in exactly one frame, in the answered cell
+    colour = torch.tensor(toy.COLOURS[words[1]])[:, None, None]
+    frames = a["pixel_values"][:task.frames]  # sample 0: (T, 3, H, W)
+    painted = ((frames - colour).abs().sum(1) < 1e-6)  # (T, H, W)
+    frame = int(painted.flatten(1).any(1).nonzero().squeeze())
+    ys, xs = painted[frame].nonzero().unbind(1)
+    assert (int(ys.min()) // task.cell, int(xs.min()) // task.cell) == (int(words[2][3:]), int(words[3][3:]))
+
+
+def test_student_agreement_with_the_teacher_rises_across_the_stages():
+    result = toy.run(toy.QUICK, seed=0, recipes=toy.RECIPES[:4])
+    teacher, init, *stages = result["rows"]
+    assert [r["stages"] for r in stages] == ["1", "1 + 2", "1 + 2 + 3"]
+    kl = [init["kl"]] + [r["kl"] for r in stages]  # per-token KL(teacher || student) on held-out videos
+    top1 = [init["top1"]] + [r["top1"] for r in stages]  # next-token argmax agreement with the teacher
+    assert kl[1] < kl[0] and kl[2] < kl[1] and kl[3] <= kl[2] * 1.05, kl
+    assert top1[1] > top1[0] and top1[2] > top1[1] and top1[3] >= top1[2] - 0.01, top1

@@ -1,0 +1,322 @@
+"""LinMU on a laptop: a toy teacher, the three distillation stages and the paper's ablations, on CPU.
+
+    python toy.py                       # the whole experiment (~12 minutes on 2 CPU cores), a table at the end
+    python toy.py --out toy.json        # the same, and the table as JSON
+    python toy.py --quick               # a shortened run (what _test_toy.py checks)
+
+The paper's claim is about quality: the LinMU student matches its attention teacher, each
+distillation stage matters and both M-MATE branches are needed. Real checkpoints are not
+everywhere, so this script shows the claim end to end on a task it builds itself:
+
+The task, "where did it go?". A video of `frames` procedurally drawn 32x32 frames: one shape
+(square, disc or cross, a different colour in every frame) walks one cell up, down, left or right
+per frame on a 4x4 grid. The decoder sees each frame as a frame-marker token and 4x4 image tokens
+(one token per cell), then `questions` questions, each "ask <colour>" answered by three tokens:
+the row and the column of the shape in the frame where it had that colour, and the way it moved
+to get there from the frame before. A model is scored on the last question, by exact match of its
+greedily generated answer (linmu.generate). Answering needs
+  * global retrieval: the frame with that colour lies 12 to 63 tokens back, always outside the
+    text window of Local-Swin (MixerConfig.text_window = 8), and
+  * local structure: the exact cell of the shape, and its move, which compares neighbouring cells
+    of two adjacent frames (the vision encoder sees one frame at a time, so only the decoder can).
+
+The experiment. A tiny attention teacher in the real architecture (linmu.VLM: SigLIP encoder,
+pixel-shuffle connector, Llama decoder) is trained from scratch on the task; convert.py's code path
+(linmu.convert_to_linmu) turns it into a LinMU student, distill.py's train_stage runs the three
+stages on fresh task samples (answers included), and the ablations run beside it: no stage 1,
+no Local-Swin (Flex-MA only), no Flex-MA (Local-Swin only), no distillation, and the other
+hidden-state target ("stream"). Seeds are fixed: the same command prints the same table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from distill import DistillConfig, evaluate, train_stage
+from linmu import VLM, MixerConfig, TextConfig, VisionConfig, VLMConfig, convert_to_linmu, generate
+
+# ----------------------------------------------------------------------------------------------
+# The task: procedurally drawn videos of a walking shape, and questions about them
+
+COLOURS = {"red": (1.0, 0.15, 0.1), "green": (0.1, 0.85, 0.2), "blue": (0.2, 0.35, 1.0), "yellow": (1.0, 0.9, 0.1),
+           "magenta": (0.9, 0.2, 0.9), "cyan": (0.1, 0.9, 0.9), "orange": (1.0, 0.55, 0.0), "white": (0.95, 0.95, 0.95)}
+MOVES = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
+ANSWER_LENGTH = 3  # row, column, move
+SPLITS = {"teacher": 0, "distill": 1, "held_out": 2}  # disjoint sample streams of one generator
+
+
+@dataclass
+class Task:
+    """The task's sizes: frames per video, questions per video, grid cells per side, pixels per cell."""
+
+    frames: int = 4
+    questions: int = 3
+    grid: int = 4
+    cell: int = 8
+
+    @property
+    def vocabulary(self) -> list[str]:
+        """Every token of the task, in id order; "<image>" is the placeholder the vision features replace."""
+        return (["<bos>", "<image>", "ask"] + [f"frame{t}" for t in range(self.frames)] + list(COLOURS)
+                + [f"row{r}" for r in range(self.grid)] + [f"col{c}" for c in range(self.grid)] + list(MOVES))
+
+    def token(self, name: str) -> int:
+        return self.vocabulary.index(name)
+
+    @property
+    def length(self) -> int:
+        """Tokens per sample: <bos>, per frame a marker and grid^2 image tokens, per question 2 + ANSWER_LENGTH."""
+        return 1 + self.frames * (1 + self.grid**2) + self.questions * (2 + ANSWER_LENGTH)
+
+    def answer_positions(self) -> torch.Tensor:
+        """Positions of every answer token in a sample, question by question: (questions * ANSWER_LENGTH,)."""
+        first = 1 + self.frames * (1 + self.grid**2) + 2  # after the first "ask <colour>"
+        return torch.tensor([first + q * (2 + ANSWER_LENGTH) + i for q in range(self.questions) for i in range(ANSWER_LENGTH)])
+
+
+def shape_masks(cell: int) -> torch.Tensor:
+    """The drawable shapes, each inside a one-pixel margin of its cell: square, disc, cross -> (3, cell, cell)."""
+    y, x = torch.meshgrid(torch.arange(cell) + 0.5, torch.arange(cell) + 0.5, indexing="ij")
+    d = (y - cell / 2).abs(), (x - cell / 2).abs()
+    square = (d[0] < cell / 2 - 1) & (d[1] < cell / 2 - 1)
+    disc = d[0] ** 2 + d[1] ** 2 < (cell / 2 - 0.8) ** 2
+    cross = ((d[0] < 1) | (d[1] < 1)) & square
+    return torch.stack([square, disc, cross]).float()
+
+
+def sample_seed(seed: int, split: str, index: int) -> int:
+    """The generator seed of batch `index` of a split: every batch is reproducible on its own."""
+    return (seed * len(SPLITS) + SPLITS[split]) * 1_000_003 + index
+
+
+def make_batch(task: Task, size: int, seed: int) -> dict:
+    """`size` samples drawn from torch.Generator(seed), as the batch dict distill.train_stage reads.
+
+    input_ids (B, L) hold whole samples, answers included; attention_mask (B, L) is all ones (no
+    padding: every sample has task.length tokens); pixel_values (B * frames, 3, H, W); grids: one
+    (frames, grid, grid) video per sample; answer (B, 3): the last question's answer tokens.
+    """
+    g = torch.Generator().manual_seed(seed)
+    T, G, n = task.frames, task.grid, task.cell
+    steps = torch.tensor(list(MOVES.values()))  # (4, 2)
+
+    # the walk: a random start, then at each frame a random move that stays on the grid
+    cells = torch.zeros(size, T, 2, dtype=torch.long)  # (B, T, 2): row, col
+    moves = torch.zeros(size, T, dtype=torch.long)  # (B, T): the move into frame t (frame 0 has none)
+    cells[:, 0] = torch.randint(0, G, (size, 2), generator=g)
+    for t in range(1, T):
+        target = cells[:, t - 1, None] + steps  # (B, 4, 2)
+        allowed = ((target >= 0) & (target < G)).all(-1).float()  # (B, 4)
+        moves[:, t] = torch.multinomial(allowed, 1, generator=g).squeeze(1)
+        cells[:, t] = cells[:, t - 1] + steps[moves[:, t]]
+    colours = torch.stack([torch.randperm(len(COLOURS), generator=g)[:T] for _ in range(size)])  # (B, T)
+    shapes = torch.randint(0, 3, (size, T), generator=g)
+
+    # draw: dark noisy background, the shape's mask placed in its cell, painted in its colour
+    where = F.one_hot(cells[..., 0] * G + cells[..., 1], G * G).float().view(size, T, G, 1, G, 1)
+    mask = (where * shape_masks(n)[shapes].view(size, T, 1, n, 1, n)).view(size, T, 1, G * n, G * n)
+    paint = torch.tensor(list(COLOURS.values()))[colours].view(size, T, 3, 1, 1)
+    background = 0.05 + 0.1 * torch.rand(size, T, 3, G * n, G * n, generator=g)
+    pixels = background * (1 - mask) + paint * mask  # (B, T, 3, H, W)
+
+    # the tokens: the video, then questions about distinct frames 1.. T-1 (each has a move)
+    asked = torch.stack([torch.randperm(T - 1, generator=g)[:task.questions] + 1 for _ in range(size)])  # (B, Q)
+    video = [task.token("<bos>")] + sum(([task.token(f"frame{t}")] + [task.token("<image>")] * G * G for t in range(T)), [])
+    colour_ids = torch.tensor([task.token(c) for c in COLOURS])
+    b = torch.arange(size)[:, None]
+    qa = torch.stack([torch.full_like(asked, task.token("ask")), colour_ids[colours[b, asked]],
+                      cells[b, asked, 0] + task.token("row0"), cells[b, asked, 1] + task.token("col0"),
+                      moves[b, asked] + task.token(next(iter(MOVES)))], dim=-1)  # (B, Q, 5)
+    input_ids = torch.cat([torch.tensor(video).expand(size, -1), qa.flatten(1)], dim=1)  # (B, L)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixels.flatten(0, 1),
+            "pixel_attention_mask": None, "grids": [[(T, G, G)] for _ in range(size)],
+            "answer": input_ids[:, -ANSWER_LENGTH:]}
+
+
+# ----------------------------------------------------------------------------------------------
+# The models: a tiny SmolVLM-shaped teacher and its LinMU student
+
+
+def toy_config(task: Task) -> VLMConfig:
+    """A tiny SmolVLM2: 32x32 frames, 4x4 patches, pixel shuffle 2 -> one decoder token per grid cell."""
+    patch = task.cell // 2
+    vision = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                          image_size=task.grid * task.cell, patch_size=patch)
+    text = TextConfig(vocab_size=len(task.vocabulary), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return VLMConfig(vision=vision, text=text, scale_factor=2, image_token_id=task.token("<image>"))
+
+
+def toy_mixer(task: Task) -> MixerConfig:
+    """M-MATE sized for the toy: Swin windows of two whole frames, a text window of 8 tokens (one
+    question and a half: the frames are out of its reach), SSD chunks of 32 tokens."""
+    return MixerConfig(chunk_size=32, window_frames=2, window_rows=task.grid, window_cols=task.grid, text_window=8)
+
+
+def train_teacher(teacher: VLM, task: Task, steps: int, batch_size: int, lr: float, seed: int) -> None:
+    """Train from scratch: cross-entropy on every answer token, AdamW, warm-up then cosine decay."""
+    optimizer = torch.optim.AdamW(teacher.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    schedule = lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    targets = task.answer_positions()
+    teacher.train()
+    for step in (bar := tqdm(range(steps), desc="teacher")):
+        batch = make_batch(task, batch_size, sample_seed(seed, "teacher", step))
+        logits = teacher(batch["input_ids"], batch["pixel_values"], grids=batch["grids"]).logits  # (B, L, V)
+        loss = F.cross_entropy(logits[:, targets - 1].flatten(0, 1), batch["input_ids"][:, targets].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(teacher.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    teacher.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring: exact match on held-out videos, and agreement with the teacher
+
+
+@torch.no_grad()
+def answers(model: VLM, batch: dict) -> torch.Tensor:
+    """Greedy answers to the last question, prefill then cached steps: (B, ANSWER_LENGTH) token ids."""
+    prompt = batch["input_ids"][:, :-ANSWER_LENGTH]
+    return generate(model, prompt, batch["pixel_values"], grids=batch["grids"], max_new_tokens=ANSWER_LENGTH)
+
+
+def measure(model: VLM, held_out: list[dict], teacher: VLM | None = None,
+            teacher_answers: list[torch.Tensor] | None = None) -> dict[str, float]:
+    """Exact-match accuracy on the held-out batches; for a student also the share of answers equal
+    to the teacher's and distill.evaluate's per-token KL and top-1 agreement with the teacher."""
+    model.eval()
+    given = [answers(model, batch) for batch in held_out]
+    correct = sum(int((a == batch["answer"]).all(1).sum()) for a, batch in zip(given, held_out))
+    total = sum(len(batch["answer"]) for batch in held_out)
+    result = {"accuracy": correct / total}
+    if teacher is not None:
+        result["agreement"] = sum(int((a == t).all(1).sum()) for a, t in zip(given, teacher_answers)) / total
+        result.update({k: v for k, v in evaluate(model, teacher, held_out).items() if k in ("kl", "top1")})
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# The experiment
+
+
+@dataclass
+class Settings:
+    """How long everything trains: the teacher, then each distillation stage (steps, peak lr, samples
+    per step, the logit-KL weight beside the hidden-state loss's 1 and its temperature); held-out samples = eval_batches x 128."""
+
+    teacher_steps: int
+    teacher_batch: int
+    teacher_lr: float
+    stage_steps: tuple[int, int, int]
+    stage_lr: tuple[float, float, float]
+    batch_size: int
+    kl_weight: float
+    temperature: float
+    eval_batches: int
+
+
+FULL = Settings(teacher_steps=1500, teacher_batch=32, teacher_lr=5e-3, stage_steps=(600, 600, 150),
+                stage_lr=(1.5e-2, 1e-2, 3e-3), batch_size=8, kl_weight=3.0, temperature=2.0, eval_batches=4)
+QUICK = Settings(teacher_steps=150, teacher_batch=16, teacher_lr=5e-3, stage_steps=(20, 20, 10),
+                 stage_lr=(1.5e-2, 1e-2, 3e-3), batch_size=8, kl_weight=3.0, temperature=2.0, eval_batches=1)
+
+# The rows after the teacher: (name, the stages run with their overrides). A row starting with the
+# stages of an earlier row continues from that row's student (no stage is trained twice).
+RECIPES = [
+    ("no distillation (converted init)", []),
+    ("stage 1 (Flex-MA)", [(1, {})]),
+    ("stages 1-2", [(1, {}), (2, {})]),
+    ("LinMU: stages 1-3", [(1, {}), (2, {}), (3, {})]),
+    ("ablation: no stage 1", [(2, {}), (3, {})]),
+    ("ablation: Flex-MA only", [(1, {}), (2, {"branches": "flex"}), (3, {"branches": "flex"})]),
+    ("ablation: Local-Swin only", [(2, {"branches": "swin"}), (3, {"branches": "swin"})]),
+    ("hidden target \"stream\": stages 1-3", [(1, {"hidden_target": "stream"}), (2, {"hidden_target": "stream"}),
+                                              (3, {"hidden_target": "stream"})]),
+]
+
+
+def run(settings: Settings, seed: int, recipes: list = RECIPES, task: Task = Task()) -> dict:
+    """Train the teacher, convert it, distill each recipe -> {"rows": [teacher, then one per recipe], ...}."""
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    teacher = VLM(toy_config(task))
+    train_teacher(teacher, task, settings.teacher_steps, settings.teacher_batch, settings.teacher_lr, seed)
+    teacher.requires_grad_(False)
+    held_out = [make_batch(task, 128, sample_seed(seed, "held_out", i))
+                for i in range(settings.eval_batches)]
+    teacher_answers = [answers(teacher, batch) for batch in held_out]
+    base = measure(teacher, held_out)
+    rows = [{"model": "attention teacher", "stages": "-", **base, "agreement": 1.0, "kl": 0.0, "top1": 1.0}]
+    tqdm.write(f"teacher: held-out exact match {base['accuracy']:.3f} "
+               f"(chance about {1 / (task.grid ** 2 * len(MOVES)):.3f})")
+
+    init = convert_to_linmu(teacher, toy_mixer(task))
+    students = {(): init}  # the student after each prefix of stages, by the prefix
+    for name, recipe in recipes:
+        key = tuple((stage, tuple(sorted(o.items()))) for stage, o in recipe)
+        done = max((k for k in students if k == key[:len(k)]), key=len)
+        student = copy.deepcopy(students[done])
+        for i in range(len(done), len(key)):
+            stage, overrides = recipe[i]
+            torch.manual_seed(seed + stage)
+            cfg = DistillConfig(stage=stage, steps=settings.stage_steps[stage - 1], lr=settings.stage_lr[stage - 1],
+                                batch_size=settings.batch_size, kl_weight=settings.kl_weight, temperature=settings.temperature,
+                                warmup=settings.stage_steps[stage - 1] // 20,
+                                eval_every=0, save_every=0, seed=seed, **overrides)
+            batch_at = lambda j, s=stage: make_batch(task, settings.batch_size, sample_seed(seed, "distill", 10_000 * s + j))
+            train_stage(student, teacher, batch_at, [], cfg)
+            students[key[:i + 1]] = copy.deepcopy(student)
+        row = {"model": name, "stages": " + ".join(str(s) for s, _ in recipe) or "-",
+               **measure(student, held_out, teacher, teacher_answers)}
+        row["of_teacher"] = row["accuracy"] / base["accuracy"]
+        rows.append(row)
+        tqdm.write(f"{name}: exact match {row['accuracy']:.3f} ({row['of_teacher']:.0%} of the teacher), "
+                   f"answers equal to the teacher's {row['agreement']:.3f}")
+    rows[0]["of_teacher"] = 1.0
+    return {"rows": rows, "settings": asdict(settings), "task": asdict(task), "seed": seed,
+            "held_out_samples": sum(len(b["answer"]) for b in held_out), "seconds": time.perf_counter() - started}
+
+
+def table(result: dict) -> str:
+    """The results as a markdown table."""
+    lines = ["| model | stages | held-out exact match | % of teacher | answers = teacher's | token KL to teacher | token top-1 agreement |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['model']} | {r['stages']} | {r['accuracy']:.3f} | {r['of_teacher']:.0%} | "
+                     f"{r['agreement']:.3f} | {r['kl']:.4f} | {r['top1']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="LinMU end to end on a synthetic video task, on CPU: train a tiny "
+                                                 "attention teacher, convert it, run the three distillation stages "
+                                                 "and the ablations, print a table of held-out accuracies.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the teacher and the distillation")
+    parser.add_argument("--quick", action="store_true", help="a shortened run (a few steps per phase, for tests)")
+    parser.add_argument("--out", help="also write the results (rows, settings, wall time) to this JSON file")
+    args = parser.parse_args(argv)
+    result = run(QUICK if args.quick else FULL, args.seed)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    print(table(result))
+    print(f"\n{result['held_out_samples']} held-out videos, seed {result['seed']}, {result['seconds'] / 60:.1f} minutes")
+
+
+if __name__ == "__main__":
+    main()
