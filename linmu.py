@@ -131,11 +131,25 @@ class TokenLayout:
         return layout
 
 
+PIECE_TOKENS = 2048
+
+
+def pieces(length: int, size: int) -> list[slice]:
+    """Consecutive slices of at most `size` covering range(length).
+
+    Flex-MA and Local-Swin work through a long prompt a piece at a time, each piece continuing from
+    where the previous one ended: the same result as one pass, with temporaries that do not grow
+    with the prompt. On a CPU that is most of the speed: a 2048-token piece's temporaries stay in
+    cache and are reused by the allocator, where whole-prompt temporaries are fresh memory, paged
+    in on every call."""
+    return [slice(start, min(start + size, length)) for start in range(0, length, size)]
+
+
 @dataclass
 class KVCache:
-    """Keys (after RoPE) and values kept for decoding: (B, heads, T, Dh).
+    """Keys (after RoPE) and values kept for decoding: (B, kv heads, T, Dh).
 
-    The teacher keeps its kv heads for every token so far; Local-Swin all heads, for its window only."""
+    The teacher keeps them for every token so far; Local-Swin for its text window only."""
 
     k: Tensor
     v: Tensor
@@ -171,9 +185,6 @@ def carry_across_chunks(chunk_states: Tensor, chunk_decay: Tensor, state: Tensor
     return torch.stack(entering, dim=2), state
 
 
-SCAN_PIECE_CHUNKS = 64  # ssd_scan works on at most this many chunks at a time: bounded temporaries, same result
-
-
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
              initial_state: Tensor | None = None, exclusive: bool = False) -> tuple[Tensor, Tensor]:
     """The selective-SSM recurrence, computed chunk by chunk (Mamba2's SSD algorithm).
@@ -188,20 +199,10 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     Four steps per chunk of Q tokens: (1) outputs from inputs inside the chunk, a Q x Q masked
     matmul; (2) each chunk's state from its own inputs; (3) a recurrence carrying the state from
     chunk to chunk; (4) outputs from the carried-in state. The cost is O(L Q (N + P) H): linear in L.
-    A long sequence is scanned in pieces of SCAN_PIECE_CHUNKS chunks, each continuing from the
-    state the previous one ends in: the same result, with temporaries that do not grow with L.
     """
     batch, length, heads, head_dim = x.shape
     if heads % B.shape[2]:
         raise ValueError(f"ssd_scan: {heads} heads is not a multiple of {B.shape[2]} B/C groups")
-    piece = SCAN_PIECE_CHUNKS * chunk_size
-    if length > piece:  # piece by piece, each starting from the state the previous one ends in
-        ys, state = [], initial_state
-        for start in range(0, length, piece):
-            part = slice(start, start + piece)
-            y, state = ssd_scan(x[:, part], dt[:, part], A, B[:, part], C[:, part], chunk_size, state, exclusive)
-            ys.append(y)
-        return torch.cat(ys, dim=1), state
     out_dtype = x.dtype
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     pad = -length % chunk_size  # padded steps have dt = 0: no input and no decay, state unchanged
@@ -301,22 +302,51 @@ class FlexMA(nn.Module):
         return self.in_proj(u).split([self.d_inner, self.conv_dim, self.heads], dim=-1)
 
     def _features(self, xBC: Tensor, conv: nn.Conv1d) -> tuple[Tensor, Tensor, Tensor]:
-        """Causal depthwise conv + SiLU, then split: (B, L, conv_dim) -> x (B, L, H, P), B and C (B, L, H, N).
+        """Causal depthwise conv + SiLU, then split: (B, K - 1 + n, conv_dim), the n inputs after the
+        K - 1 before them -> x (B, n, H, P), B and C (B, n, H, N).
 
         The convolution is written as K shifted multiply-adds along the sequence: for depthwise
         kernels this is faster than nn.Conv1d and needs no transposes."""
-        length, K = xBC.shape[1], conv.kernel_size[0]
-        padded = F.pad(xBC, (0, 0, K - 1, 0))  # (B, K - 1 + L, conv_dim)
+        K = conv.kernel_size[0]
+        n = xBC.shape[1] - (K - 1)
         weight = conv.weight[:, 0]  # (conv_dim, K)
-        out = torch.addcmul(conv.bias, padded[:, :length], weight[:, 0])
+        out = torch.addcmul(conv.bias, xBC[:, :n], weight[:, 0])
         for k in range(1, K):
-            out.addcmul_(padded[:, k:k + length], weight[:, k])  # in place: addcmul's backward does not read out
+            out.addcmul_(xBC[:, k:k + n], weight[:, k])  # in place: addcmul's backward does not read out
         x, B, C = F.silu(out).split([self.d_inner, self.d_inner, self.d_inner], dim=-1)
-        return (x.reshape(-1, length, self.heads, self.head_dim),
-                B.reshape(-1, length, self.heads, self.d_state), C.reshape(-1, length, self.heads, self.d_state))
+        return (x.reshape(-1, n, self.heads, self.head_dim),
+                B.reshape(-1, n, self.heads, self.d_state), C.reshape(-1, n, self.heads, self.d_state))
+
+    def _scan(self, xBC: Tensor, dt: Tensor, A: Tensor, visual: Tensor | None) -> tuple[Tensor, Tensor]:
+        """One direction of Flex-MA over the whole prompt, PIECE_TOKENS at a time.
+
+        visual=None: the forward direction, conv_forward and the scan over s <= t, plus D x_t.
+        visual given: the backward direction, on the reversed sequence with the text tokens' conv
+        inputs and dt zeroed, conv_backward and the exclusive scan: s > t.
+        Each piece takes its conv inputs with the K - 1 before it in scan order (zeros past the
+        sequence's ends) and starts from the state the piece before it in scan order ends in.
+        xBC: (B, L, conv_dim), dt: (B, L, H) in the original order -> y, one (B, n, H, P) per piece
+        of pieces(L, PIECE_TOKENS) in the original order, and the final state.
+        """
+        backward = visual is not None
+        conv = self.conv_backward if backward else self.conv_forward
+        length, K = xBC.shape[1], conv.kernel_size[0]
+        ys, state = [], None
+        for piece in pieces(length, PIECE_TOKENS)[::-1 if backward else 1]:
+            if backward:  # the piece and the K - 1 tokens after it, reversed; text tokens: no input and no decay
+                around = slice(piece.start, min(length, piece.stop + K - 1))
+                inputs = (xBC[:, around] * visual[:, around, None]).flip(1)
+                d = (dt[:, piece] * visual[:, piece, None]).flip(1)
+            else:  # the piece and the K - 1 tokens before it
+                inputs, d = xBC[:, max(0, piece.start - (K - 1)):piece.stop], dt[:, piece]
+            inputs = F.pad(inputs, (0, 0, K - 1 + d.shape[1] - inputs.shape[1], 0))  # (B, K - 1 + n, conv_dim)
+            x, B, C = self._features(inputs, conv)
+            y, state = ssd_scan(x, d, A, B, C, self.chunk_size, state, exclusive=backward)  # (B, n, H, P)
+            ys.append(y.flip(1) if backward else y + self.D[:, None] * x)
+        return ys[::-1] if backward else ys, state
 
     def _output(self, y: Tensor, z: Tensor) -> Tensor:
-        """Gated per-head RMSNorm and output projection: y (B, L, H, P), z (B, L, H*P) -> (B, L, D)."""
+        """Gated per-head RMSNorm and output projection: y (B, n, H, P), z (B, n, H*P) -> (B, n, D)."""
         gate = F.silu(z + self.z_bias).unflatten(-1, (self.heads, self.head_dim))
         return self.out_proj(self.norm(y * gate).flatten(2))
 
@@ -325,18 +355,16 @@ class FlexMA(nn.Module):
         z, xBC, dt = self._split(u)
         A = -self.A_log.exp()
         dt = F.softplus(dt + self.dt_bias)  # (B, L, H)
-        x, B, C = self._features(xBC, self.conv_forward)
-        y, ssm = ssd_scan(x, dt, A, B, C, self.chunk_size)  # s <= t
-        y = y + self.D[:, None] * x
+        ys, ssm = self._scan(xBC, dt, A, visual=None)  # s <= t
         if visual.any():
-            keep = visual[..., None]
-            xb, Bb, Cb = self._features((xBC * keep).flip(1), self.conv_backward)
-            yb, _ = ssd_scan(xb, (dt * keep).flip(1), A, Bb, Cb, self.chunk_size, exclusive=True)  # s > t
-            y = y + yb.flip(1) * keep[..., None]  # visual tokens only
+            backward, _ = self._scan(xBC, dt, A, visual)  # s > t
+            keep = visual[..., None, None]
+            ys = [y.addcmul_(b, keep[:, piece]) for y, b, piece in zip(ys, backward, pieces(u.shape[1], PIECE_TOKENS))]
         K = self.conv_forward.kernel_size[0]
         last = xBC[:, max(0, xBC.shape[1] - (K - 1)):].transpose(1, 2)  # the last K-1 inputs (fewer for short prompts)
         conv_state = F.pad(last, (K - 1 - last.shape[-1], 0))  # (B, C, K-1)
-        return self._output(y, z), FlexMACache(conv_state, ssm)
+        out = torch.cat([self._output(y, z[:, piece]) for y, piece in zip(ys, pieces(u.shape[1], PIECE_TOKENS))], dim=1)
+        return out, FlexMACache(conv_state, ssm)
 
     def step(self, u: Tensor, cache: FlexMACache) -> tuple[Tensor, FlexMACache]:
         """One new text token, O(1) in the context length: u (B, 1, D) -> (B, 1, D) and the updated cache."""
@@ -356,15 +384,29 @@ class FlexMA(nn.Module):
 # 3. Local-Swin: the paper's Swin-style window attention branch for adjacent correlations
 
 
-def swin_windows(layout: TokenLayout, window: tuple[int, int, int], shifted: bool) -> tuple[Tensor, Tensor]:
-    """Group the visual tokens of a layout into Swin windows over their (frames, rows, cols) grids.
+@dataclass
+class Windows:
+    """Groups of tokens that attend among themselves: window w's queries attend to its keys where mask allows.
+
+    Positions are flat indices into the (B * L) tokens of a batch. queries: (W, Sq); keys: (W, Sk);
+    mask: (W, Sq or 1, Sk), True where a query may attend to a key (every query row allows at least
+    one key); writes: (W, Sq), True for the queries whose output this window gives (each token is
+    written by exactly one window; other entries are padding or belong to another window)."""
+
+    queries: Tensor
+    keys: Tensor
+    mask: Tensor
+    writes: Tensor
+
+
+def swin_windows(layout: TokenLayout, window: tuple[int, int, int], shifted: bool) -> Windows:
+    """The visual tokens of a layout grouped into Swin windows over their (frames, rows, cols) grids.
 
     Along each axis of length n the window is w = min(window, n) (clipped to small grids). Shifted
     windows start half a window in, as Swin's cyclic roll by w // 2 plus its region mask does:
     cells [0, w//2) form their own (partial) window, then [w//2, w//2 + w), ...; an axis no longer
-    than its window is not shifted. Tokens of different grids never share a window.
-    Returns index (W, S): flat positions into the (B * L) tokens, and valid (W, S): False where a
-    window has fewer than S tokens (the index there is a dummy 0).
+    than its window is not shifted. Tokens of different grids never share a window. Queries and
+    keys are the window's tokens (S of them, padded with a dummy 0 where a window has fewer).
     """
     batch, length = layout.visual.shape
     device = layout.visual.device
@@ -387,34 +429,47 @@ def swin_windows(layout: TokenLayout, window: tuple[int, int, int], shifted: boo
     valid = torch.zeros_like(index, dtype=torch.bool)
     index[window_id[order], rank] = flat[order]
     valid[window_id[order], rank] = True
-    return index, valid
+    return Windows(index, index, valid[:, None, :], valid)
 
 
-def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
-    """Causal attention of each position to the previous `window` positions, itself included.
+TEXT_BLOCK = 16  # text queries are windowed in blocks of this many consecutive positions
 
-    q, k, v: (B, L, H, Dh) -> (B, L, H, Dh). Blocks of `window` queries attend to
-    their own block and the one before, so the cost is O(L * window).
+
+def text_windows(layout: TokenLayout, text_window: int) -> Windows:
+    """Causal sliding windows for the text tokens: each attends to the text_window positions ending at itself.
+
+    Consecutive positions form blocks of b = min(TEXT_BLOCK, text_window) queries, whose keys are
+    the b + text_window - 1 positions ending at the block's last; a block becomes a window only if
+    it holds a text query, so the cost is O(text tokens * text_window), and nothing for visual rows.
     """
-    batch, length, heads, dim = q.shape
-    pad = -length % window
-    blocks = (length + pad) // window
+    batch, length = layout.visual.shape
+    device = layout.visual.device
+    block = min(TEXT_BLOCK, text_window)
+    blocks = -(-length // block)
+    starts = torch.arange(blocks, device=device)[:, None] * block
+    query_pos = starts + torch.arange(block, device=device)  # (blocks, b)
+    key_pos = starts + torch.arange(1 - text_window, block, device=device)  # (blocks, S)
+    behind = query_pos[:, :, None] - key_pos[:, None, :]  # (blocks, b, S)
+    inside = (key_pos >= 0) & (key_pos < length)
+    mask = (behind >= 0) & (behind < text_window) & inside[:, None, :]  # rows past the end still reach position L-1
+    text = F.pad(~layout.visual, (0, blocks * block - length)).unflatten(1, (blocks, block))  # (B, blocks, b)
+    sample, kept = text.any(-1).nonzero(as_tuple=True)  # the blocks with a text query
+    offset = sample[:, None] * length
+    return Windows(offset + query_pos[kept].clamp(max=length - 1), offset + key_pos[kept].clamp(0, length - 1),
+                   mask[kept], text[sample, kept])
 
-    def blocked(t: Tensor) -> Tensor:  # (B, L, h, Dh) -> (B * blocks, h, window, Dh)
-        t = F.pad(t, (0, 0, 0, 0, 0, pad)).unflatten(1, (blocks, window))
-        return t.flatten(0, 1).transpose(1, 2)
 
-    def with_previous(t: Tensor) -> Tensor:  # keys of block b: blocks b-1 and b -> (B * blocks, h, 2 window, Dh)
-        t = blocked(t).unflatten(0, (batch, blocks))
-        return torch.cat([F.pad(t, (0, 0, 0, 0, 0, 0, 1, 0))[:, :-1], t], dim=3).flatten(0, 1)
+def window_attention(q: Tensor, k: Tensor, v: Tensor, windows: Windows, out: Tensor) -> None:
+    """Each window's queries attend to its keys; their outputs are written into out, PIECE_TOKENS queries at a time.
 
-    i = torch.arange(window, device=q.device)[:, None]
-    j = torch.arange(2 * window, device=q.device)[None, :]
-    first_block = torch.arange(blocks, device=q.device)[:, None, None] == 0
-    allowed = (j > i) & (j <= i + window) & ~(first_block & (j < window))  # (blocks, window, 2 window)
-    out = F.scaled_dot_product_attention(blocked(q), with_previous(k), with_previous(v),
-                                         attn_mask=allowed[:, None].repeat(batch, 1, 1, 1))
-    return out.transpose(1, 2).unflatten(0, (batch, blocks)).flatten(1, 2)[:, :length]
+    q, out: (N, H, Dh); k, v: (N, Hkv, Dh), N = B * L flat tokens, H a multiple of Hkv.
+    """
+    for piece in pieces(len(windows.queries), max(1, PIECE_TOKENS // windows.queries.shape[1])):
+        queries, keys, writes = windows.queries[piece], windows.keys[piece], windows.writes[piece]
+        gather = lambda t, index: t[index].transpose(1, 2)  # (N, h, Dh) -> (w, h, S, Dh)
+        attended = F.scaled_dot_product_attention(gather(q, queries), gather(k, keys), gather(v, keys),
+                                                  attn_mask=windows.mask[piece][:, None], enable_gqa=True)
+        out.index_copy_(0, queries[writes], attended.transpose(1, 2)[writes])  # in place: one window at a time
 
 
 class LocalSwin(nn.Module):
@@ -440,34 +495,33 @@ class LocalSwin(nn.Module):
         self.o_proj = nn.Linear(heads * head_dim, d_model, bias=False)
 
     def _qkv(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """x: (B, L, D) -> q, k, v (B, L, H, Dh): RoPE on q and k, the kv heads repeated to all heads."""
+        """x: (B, n, D) -> q (B, n, H, Dh), k and v (B, n, Hkv, Dh), RoPE on q and k."""
         q = self.q_proj(x).unflatten(-1, (self.heads, self.head_dim))
         k = self.k_proj(x).unflatten(-1, (self.kv_heads, self.head_dim))
         v = self.v_proj(x).unflatten(-1, (self.kv_heads, self.head_dim))
-        repeat = lambda t: t.repeat_interleave(self.heads // self.kv_heads, dim=2)  # masked SDPA wants all heads
-        return apply_rotary(q, *rope), repeat(apply_rotary(k, *rope)), repeat(v)
+        return apply_rotary(q, *rope), apply_rotary(k, *rope), v
 
     def forward(self, x: Tensor, layout: TokenLayout, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, KVCache]:
         """Full-sequence pass: x (B, L, D) -> (B, L, D) and the text window's cache."""
         batch, length, _ = x.shape
-        q, k, v = self._qkv(x, rope)
-        out = sliding_window_attention(q, k, v, self.text_window)  # every row; visual rows replaced below
+        parts = [self._qkv(x[:, p], (rope[0][:, p], rope[1][:, p])) for p in pieces(length, PIECE_TOKENS)]
+        q, k, v = (torch.cat(part, dim=1).flatten(0, 1) for part in zip(*parts))  # (B * L, h, Dh)
+        out = q.new_empty(batch * length, self.heads, self.head_dim)  # every token is written by one window
+        window_attention(q, k, v, layout.memo(("text", self.text_window), lambda: text_windows(layout, self.text_window)), out)
         if layout.visual.any():
-            index, valid = layout.memo(("swin", self.window, self.shifted), lambda: swin_windows(layout, self.window, self.shifted))
-            gather = lambda t: t.flatten(0, 1)[index].transpose(1, 2)  # (B*L, h, Dh) -> (W, h, S, Dh)
-            windowed = F.scaled_dot_product_attention(gather(q), gather(k), gather(v),
-                                                      attn_mask=valid[:, None, None, :])
-            out = out.flatten(0, 1).index_copy(0, index[valid], windowed.transpose(1, 2)[valid]).unflatten(0, (batch, length))
+            window_attention(q, k, v, layout.memo(("swin", self.window, self.shifted),
+                                                  lambda: swin_windows(layout, self.window, self.shifted)), out)
+        k, v = (t.unflatten(0, (batch, length)) for t in (k, v))
         first = max(0, length - (self.text_window - 1))
-        cache = KVCache(k[:, first:].transpose(1, 2), v[:, first:].transpose(1, 2))
-        return self.o_proj(out.flatten(2)), cache
+        cache = KVCache(k[:, first:].transpose(1, 2), v[:, first:].transpose(1, 2))  # (B, Hkv, <= text_window - 1, Dh)
+        return self.o_proj(out.unflatten(0, (batch, length)).flatten(2)), cache
 
     def step(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache) -> tuple[Tensor, KVCache]:
         """One new text token: x (B, 1, D) attends to the cached window and itself -> (B, 1, D), new cache."""
         q, k, v = self._qkv(x, rope)
-        k = torch.cat([cache.k, k.transpose(1, 2)], dim=2)  # (B, H, <= text_window, Dh)
+        k = torch.cat([cache.k, k.transpose(1, 2)], dim=2)  # (B, Hkv, <= text_window, Dh)
         v = torch.cat([cache.v, v.transpose(1, 2)], dim=2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v)  # (B, H, 1, Dh)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, enable_gqa=True)  # (B, H, 1, Dh)
         first = max(0, k.shape[2] - (self.text_window - 1))
         return self.o_proj(out.transpose(1, 2).flatten(2)), KVCache(k[:, :, first:], v[:, :, first:])
 

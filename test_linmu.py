@@ -220,7 +220,9 @@ def tiny_flex(seed=0, chunk=4):
 VISUAL = torch.tensor([[0, 1, 1, 1, 0, 0, 1, 1, 1, 1, 0, 1, 0, 0, 0]], dtype=torch.bool)
 
 
-def test_flex_ma_matches_its_definition():
+@pytest.mark.parametrize("piece", [2048, 6, 4])  # one piece; pieces that split chunks and conv windows
+def test_flex_ma_matches_its_definition(piece, monkeypatch):
+    monkeypatch.setattr(linmu, "PIECE_TOKENS", piece)
     flex = tiny_flex()
     u = torch.randn(1, VISUAL.shape[1], 12, dtype=torch.float64)
     out, _ = flex(u, VISUAL)
@@ -304,7 +306,9 @@ SWIN_CASES = {
 
 @pytest.mark.parametrize("case", SWIN_CASES)
 @pytest.mark.parametrize("shifted", [False, True])
-def test_local_swin_matches_dense_masked_attention(case, shifted):
+@pytest.mark.parametrize("piece", [2048, 16])  # all windows at once; a window or two at a time
+def test_local_swin_matches_dense_masked_attention(case, shifted, piece, monkeypatch):
+    monkeypatch.setattr(linmu, "PIECE_TOKENS", piece)
     torch.manual_seed(0)
     cfg = MixerConfig(window_frames=2, window_rows=4, window_cols=4, text_window=7)
     swin = LocalSwin(d_model=16, heads=4, kv_heads=2, head_dim=4, cfg=cfg, shifted=shifted)
