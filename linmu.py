@@ -145,6 +145,12 @@ def pieces(length: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, length)) for start in range(0, length, size)]
 
 
+def per_token(fn, *xs: Tensor) -> Tensor:
+    """fn(*xs) for a function that treats every token alone (norms, MLPs, gates): xs (B, L, ...),
+    PIECE_TOKENS tokens at a time, so that only the result spans the whole prompt."""
+    return torch.cat([fn(*(x[:, piece] for x in xs)) for piece in pieces(xs[0].shape[1], PIECE_TOKENS)], dim=1)
+
+
 @dataclass
 class KVCache:
     """Keys (after RoPE) and values kept for decoding: (B, kv heads, T, Dh).
@@ -618,8 +624,11 @@ class MMATE(nn.Module):
     def _mix(self, x: Tensor, flex: Tensor | None, swin: Tensor | None) -> Tensor:
         if flex is None or swin is None:
             return swin if flex is None else flex
-        g = torch.sigmoid(self.gate(x))  # (B, L, 1)
-        return g * flex + (1 - g) * swin
+        return per_token(self._gated_sum, x, flex, swin)
+
+    def _gated_sum(self, x: Tensor, flex: Tensor, swin: Tensor) -> Tensor:
+        g = torch.sigmoid(self.gate(x))  # (B, n, 1)
+        return torch.lerp(swin, flex, g)  # g * flex + (1 - g) * swin
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1042,9 +1051,13 @@ class DecoderLayer(nn.Module):
     def forward(self, h: Tensor, layout: TokenLayout, rope: tuple[Tensor, Tensor],
                 cache=None) -> tuple[Tensor, object]:
         """h: (B, L, D) residual stream -> (h, the mixer's cache)."""
-        y, cache = self.self_attn(self.input_layernorm(h), layout, rope, cache)
+        y, cache = self.self_attn(per_token(self.input_layernorm, h), layout, rope, cache)
+        return per_token(self._feed_forward, h, y), cache
+
+    def _feed_forward(self, h: Tensor, y: Tensor) -> Tensor:
+        """The rest of the layer, token by token: the mixer's output y joins the residual stream h, then the MLP."""
         h = h + y
-        return h + self.mlp(self.post_attention_layernorm(h)), cache
+        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class TextModel(nn.Module):
