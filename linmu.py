@@ -131,17 +131,17 @@ class TokenLayout:
         return layout
 
 
-PIECE_TOKENS = 2048
+PIECE_TOKENS = 2048  # a long prompt is worked through this many tokens at a time (see pieces)
 
 
 def pieces(length: int, size: int) -> list[slice]:
     """Consecutive slices of at most `size` covering range(length).
 
-    Flex-MA and Local-Swin work through a long prompt a piece at a time, each piece continuing from
-    where the previous one ended: the same result as one pass, with temporaries that do not grow
-    with the prompt. On a CPU that is most of the speed: a 2048-token piece's temporaries stay in
-    cache and are reused by the allocator, where whole-prompt temporaries are fresh memory, paged
-    in on every call."""
+    Flex-MA's scan, Local-Swin's windows and the per-token parts of every decoder layer work
+    through a long prompt a piece at a time, each piece continuing from where the previous one
+    ended: the same result as one pass, with temporaries that do not grow with the prompt. On a
+    CPU that is most of the speed: a piece's temporaries stay in cache and are reused by the
+    allocator, where whole-prompt temporaries are fresh memory, paged in on every call."""
     return [slice(start, min(start + size, length)) for start in range(0, length, size)]
 
 

@@ -307,16 +307,17 @@ SWIN_CASES = {
 @pytest.mark.parametrize("case", SWIN_CASES)
 @pytest.mark.parametrize("shifted", [False, True])
 @pytest.mark.parametrize("piece", [2048, 16])  # all windows at once; a window or two at a time
-def test_local_swin_matches_dense_masked_attention(case, shifted, piece, monkeypatch):
+@pytest.mark.parametrize("text_window", [7, 21])  # text blocks of 7 queries; of linmu.TEXT_BLOCK = 16
+def test_local_swin_matches_dense_masked_attention(case, shifted, piece, text_window, monkeypatch):
     monkeypatch.setattr(linmu, "PIECE_TOKENS", piece)
     torch.manual_seed(0)
-    cfg = MixerConfig(window_frames=2, window_rows=4, window_cols=4, text_window=7)
+    cfg = MixerConfig(window_frames=2, window_rows=4, window_cols=4, text_window=text_window)
     swin = LocalSwin(d_model=16, heads=4, kv_heads=2, head_dim=4, cfg=cfg, shifted=shifted)
     visual, grids = make_sequence(SWIN_CASES[case])
     layout = layout_of(visual, grids, batch=2)
     x = torch.randn(2, len(visual), 16)
     out, _ = swin(x, layout, rope_tables(layout.positions, 4))
-    mask = dense_local_mask(visual.tolist(), grids, (2, 4, 4), 7, shifted)
+    mask = dense_local_mask(visual.tolist(), grids, (2, 4, 4), text_window, shifted)
     assert torch.allclose(out, dense_swin_reference(swin, x, layout, mask), rtol=0, atol=1e-5)
 
 

@@ -1,8 +1,8 @@
 """LinMU on a laptop: a toy teacher, the three distillation stages and the paper's ablations, on CPU.
 
-    python toy.py                       # the whole experiment (~12 minutes on 2 CPU cores), a table at the end
+    python toy.py                       # the whole experiment (about 9 minutes on 2 CPU cores), a table at the end
     python toy.py --out toy.json        # the same, and the table as JSON
-    python toy.py --quick               # a shortened run (what _test_toy.py checks)
+    python toy.py --quick               # a shortened run (what test_linmu.py checks)
 
 The paper's claim is about quality: the LinMU student matches its attention teacher, each
 distillation stage matters and both M-MATE branches are needed. Real checkpoints are not
