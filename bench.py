@@ -25,6 +25,11 @@ then the question. Per workload and model:
     before; on CPU the growth of the process's peak resident set (VmHWM, reset through
     /proc/self/clear_refs) above its resident set before.
 
+Then, apart from the model, one decoder layer's mixer alone (the teacher's first attention layer
+against the student's first M-MATE layer, eager) on the visual tokens of videos of
+--mixer-lengths tokens: the part LinMU replaces, without the MLP and the rest of the model,
+which cost both the same.
+
 Token ids, embeddings, frames and layouts are prepared outside the timed regions; each number is
 the median of --repeats runs after --warmup untimed runs, with CUDA synchronized around them. With
 --variants compile every decoder and vision layer is torch.compile'd; the compile time (the
@@ -59,10 +64,10 @@ MODELS = ("attention", "linmu")
 # the same, so the per-layer ratio is the model's) and still passes the crossover; a GPU runs the
 # whole model from one image to videos of 17 minutes (1024 frames, about 75k tokens).
 DEFAULTS = {
-    "cpu": dict(frames="16,64,128,256", lengths="4096,16384", layers=2, vision_frames=1, new_tokens=16,
-                batch=8, variants="eager"),
-    "cuda": dict(frames="16,64,256,512,1024", lengths="8192,32768,65536", layers=0, vision_frames=1024,
-                 new_tokens=64, batch=8, variants="eager,compile"),
+    "cpu": dict(frames="16,64,128,256", lengths="4096,16384", mixer_lengths="4096,8192,16384,32768", layers=2,
+                vision_frames=1, new_tokens=16, batch=8, variants="eager"),
+    "cuda": dict(frames="16,64,256,512,1024", lengths="8192,32768,65536", mixer_lengths="16384,65536,131072",
+                 layers=0, vision_frames=1024, new_tokens=64, batch=8, variants="eager,compile"),
 }
 
 
@@ -328,6 +333,31 @@ def bench_model(model: VLM, load: Workload, args, device: torch.device) -> dict:
     return row
 
 
+@torch.no_grad()
+def bench_mixers(teacher: VLM, student: VLM, lengths: list[int], args, device: torch.device, bar: tqdm) -> list[dict]:
+    """Layer 0's mixer of each model alone on the visual tokens of a video (whole frames, no text),
+    the layout built inside the timed call (the model's prefill builds it too) -> one row per length."""
+    config = teacher.config
+    side, per_frame = math.isqrt(config.image_seq_len), config.image_seq_len
+    dtype = teacher.lm_head.weight.dtype
+    mixers = {name: decoder_layers(model)[0].self_attn for name, model in zip(MODELS, (teacher, student))}
+    rows = []
+    for length in lengths:
+        frames = max(1, length // per_frame)
+        ids = torch.full((1, frames * per_frame), config.image_token_id, device=device)
+        layout = lambda: TokenLayout.build(ids, config.image_token_id, [[(frames, side, side)]])
+        rope = tuple(t.to(dtype) for t in teacher.model.text_model.rotary(layout().positions))
+        x = torch.randn(1, ids.shape[1], config.text.hidden_size, generator=torch.Generator().manual_seed(0))
+        x = x.to(device, dtype)
+        row = {"tokens": ids.shape[1], "frames": frames}
+        for name, mixer in mixers.items():
+            bar.set_postfix_str(f"mixer alone, {ids.shape[1]} tokens, {name}")
+            row[name] = measure(lambda: mixer(x, layout(), rope), device, args.warmup, args.repeats).seconds
+            bar.update()
+        rows.append(row)
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------
 # Reporting
 
@@ -386,6 +416,21 @@ def table(rows: list[dict], batch: int) -> str:
     widths = [max(len(line[i]) for line in [head] + body) for i in range(len(head))]
     line = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def mixer_table(rows: list[dict]) -> str:
+    """The mixer-alone sweep: seconds per length for both, the speedup, and both log-log slopes."""
+    lines = [f"  {'tokens':>7s}  {'attention s':>11s}  {'M-MATE s':>8s}  speedup"]
+    lines += [f"  {r['tokens']:7d}  {r['attention']:11.3f}  {r['linmu']:8.3f}  {ratio(r['attention'], r['linmu']):>7s}"
+              for r in rows]
+    if len(rows) >= 2:
+        tokens = [r["tokens"] for r in rows]
+        for name, label in zip(MODELS, ("attention", "M-MATE")):
+            seconds = [r[name] for r in rows]
+            pairs = " ".join(f"{loglog_slope(tokens[i:i + 2], seconds[i:i + 2]):.2f}" for i in range(len(rows) - 1))
+            lines.append(f"  {label:9s} slope over the longest {min(3, len(rows))} lengths: "
+                         f"{loglog_slope(tokens[-3:], seconds[-3:]):.2f} (successive: {pairs})")
+    return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: str) -> str:
@@ -485,6 +530,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lengths", type=int_list,
                         help="the pure sequence-length sweep: comma-separated text-only prompt lengths, empty for "
                              f"none (default: cpu {DEFAULTS['cpu']['lengths']}; cuda {DEFAULTS['cuda']['lengths']})")
+    parser.add_argument("--mixer-lengths", type=int_list,
+                        help="one layer's mixer alone (attention vs M-MATE) on videos of about these many visual "
+                             f"tokens (whole frames), empty for none (default: cpu {DEFAULTS['cpu']['mixer_lengths']}; "
+                             f"cuda {DEFAULTS['cuda']['mixer_lengths']})")
     parser.add_argument("--vision-frames", type=int,
                         help="measure end-to-end TTFT (vision encoder included) for workloads with at most this many "
                              f"frames (default: cpu {DEFAULTS['cpu']['vision_frames']}, "
@@ -514,7 +563,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
     for name, value in defaults.items():
         if getattr(args, name) is None:
-            setattr(args, name, int_list(value) if name in ("frames", "lengths") else
+            setattr(args, name, int_list(value) if name in ("frames", "lengths", "mixer_lengths") else
                     variants_arg(value) if name == "variants" else value)
     for name in ("threads", "new_tokens", "batch", "repeats"):
         if getattr(args, name) < 1:
@@ -544,7 +593,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"TTFT with the vision encoder for at most {args.vision_frames} frames"]
     print("\n".join(header), flush=True)
     rows = []
-    with tqdm(total=len(args.variants) * len(loads) * len(MODELS), desc="bench", unit="run") as bar:
+    runs = (len(args.variants) * len(loads) + len(args.mixer_lengths)) * len(MODELS)
+    with tqdm(total=runs, desc="bench", unit="run") as bar:
         for variant in args.variants:
             if variant == "compile":
                 for model in models.values():
@@ -562,6 +612,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         tqdm.write(f"{variant} {load.name}: {name} ran out of memory (reported as '-')")
                     bar.update()
                 rows.append(row)
+        mixers = bench_mixers(teacher, student, args.mixer_lengths, args, device, bar)
 
     print("\n" + "\n".join(header))
     print(table(rows, args.batch))
@@ -577,13 +628,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     slopes = [line for variant in args.variants
               for line in [f" {variant}:"] + scaling([r for r in rows if r["variant"] == variant])]
     print("\n".join(slopes))
+    if mixers:
+        print("one decoder layer's mixer alone, eager, video tokens (the part LinMU replaces; no MLP):")
+        print(mixer_table(mixers))
     print(plot(rows, args.plot))
     if args.json:
         Path(args.json).write_text(json.dumps({
             "header": header, "machine": machine(device), "torch": torch.__version__, "device": str(device),
             "dtype": str(dtype).removeprefix("torch."), "source": source, "decoder_layers": layers,
             "settings": {k: v for k, v in vars(args).items() if k not in ("device",)},
-            "results": rows, "scaling": slopes}, indent=2) + "\n")
+            "results": rows, "scaling": slopes, "mixers": mixers}, indent=2) + "\n")
         print(f"results written to {args.json}")
     return rows
 

@@ -1253,8 +1253,9 @@ BENCH_TINY = {
     "text_config": {"model_type": "llama", "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
                     "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8},
 }
-BENCH_SMALLEST = ["--frames", "2,3", "--lengths", "160,200", "--tiles", "2x2", "--vision-frames", "2", "--layers", "2",
-            "--new-tokens", "2", "--batch", "2", "--warmup", "1", "--repeats", "1", "--threads", "1"]
+BENCH_SMALLEST = ["--frames", "2,3", "--lengths", "160,200", "--mixer-lengths", "8,20", "--tiles", "2x2",
+                  "--vision-frames", "2", "--layers", "2", "--new-tokens", "2", "--batch", "2", "--warmup", "1",
+                  "--repeats", "1", "--threads", "1"]
 
 
 @pytest.fixture
@@ -1284,6 +1285,10 @@ def test_bench_runs_its_smallest_configuration_end_to_end(bench_config, tmp_path
             r = row[model]
             assert r["prefill_s"] > 0 and r["decode_tok_s_b1"] > 0 and r["decode_tok_s_b2"] > 0
             assert ("ttft_s" in r) == (0 < row["frames"] <= 2)  # the vision encoder ran only where asked
+    per_frame = VLMConfig.from_hf_dict(BENCH_TINY).image_seq_len
+    assert [(m["tokens"], m["frames"]) for m in results["mixers"]] == [(8, 8 // per_frame), (20, 20 // per_frame)]
+    assert all(m[model] > 0 for m in results["mixers"] for model in bench.MODELS)
+    assert "mixer alone" in printed and "M-MATE    slope over the longest 2 lengths" in printed
     short, long = rows["text 160"], rows["text 200"]  # both longer than Local-Swin's text window (128)
     assert long["attention"]["cache_mib"] > short["attention"]["cache_mib"]  # the KV cache grows
     assert long["linmu"]["cache_mib"] == short["linmu"]["cache_mib"]  # LinMU's state does not
@@ -1302,7 +1307,7 @@ def test_bench_times_a_converted_checkpoint_against_a_loaded_teacher(tmp_path, c
     save_model(teacher, tmp_path / "teacher")
     save_model(linmu.convert_to_linmu(teacher), tmp_path / "student")
     rows = bench.main(["--model", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
-                       "--tiles", "none", "--frames", "2", "--lengths", "", "--vision-frames", "0",
+                       "--tiles", "none", "--frames", "2", "--lengths", "", "--mixer-lengths", "", "--vision-frames", "0",
                        "--new-tokens", "1", "--batch", "2", "--warmup", "0", "--repeats", "1", "--threads", "1",
                        "--plot", str(tmp_path / "bench.png")])
     assert [r["workload"] for r in rows] == ["image", "video 2 s"]
@@ -1312,6 +1317,7 @@ def test_bench_times_a_converted_checkpoint_against_a_loaded_teacher(tmp_path, c
 @pytest.mark.parametrize("argv,message", [
     (["--tiles", "0x4"], "expected ROWSxCOLS"),
     (["--frames", "8,-1"], "positive integers"),
+    (["--mixer-lengths", "0"], "positive integers"),
     (["--variants", "fast"], "expected eager, compile"),
     (["--repeats", "0"], "--repeats must be at least 1"),
     (["--config", "/nonexistent/config.json"], "--config /nonexistent/config.json"),
