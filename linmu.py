@@ -145,10 +145,14 @@ def pieces(length: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, length)) for start in range(0, length, size)]
 
 
-def per_token(fn, *xs: Tensor) -> Tensor:
-    """fn(*xs) for a function that treats every token alone (norms, MLPs, gates): xs (B, L, ...),
-    PIECE_TOKENS tokens at a time, so that only the result spans the whole prompt."""
-    return torch.cat([fn(*(x[:, piece] for x in xs)) for piece in pieces(xs[0].shape[1], PIECE_TOKENS)], dim=1)
+def per_token(fn, *xs: Tensor) -> Tensor | tuple[Tensor, ...]:
+    """fn(*xs) for a function that treats every token alone (norms, MLPs, gates, projections):
+    xs (B, L, ...), PIECE_TOKENS tokens at a time, so that only the result (a tensor, or a tuple of
+    them if fn returns one) spans the whole prompt."""
+    outputs = [fn(*(x[:, piece] for x in xs)) for piece in pieces(xs[0].shape[1], PIECE_TOKENS)]
+    if isinstance(outputs[0], Tensor):
+        return torch.cat(outputs, dim=1)
+    return tuple(torch.cat(parts, dim=1) for parts in zip(*outputs))
 
 
 @dataclass
@@ -361,15 +365,16 @@ class FlexMA(nn.Module):
         z, xBC, dt = self._split(u)
         A = -self.A_log.exp()
         dt = F.softplus(dt + self.dt_bias)  # (B, L, H)
+        spans = pieces(u.shape[1], PIECE_TOKENS)  # the pieces _scan returns y in
         ys, ssm = self._scan(xBC, dt, A, visual=None)  # s <= t
         if visual.any():
             backward, _ = self._scan(xBC, dt, A, visual)  # s > t
             keep = visual[..., None, None]
-            ys = [y.addcmul_(b, keep[:, piece]) for y, b, piece in zip(ys, backward, pieces(u.shape[1], PIECE_TOKENS))]
+            ys = [y.addcmul_(b, keep[:, piece]) for y, b, piece in zip(ys, backward, spans)]
         K = self.conv_forward.kernel_size[0]
         last = xBC[:, max(0, xBC.shape[1] - (K - 1)):].transpose(1, 2)  # the last K-1 inputs (fewer for short prompts)
         conv_state = F.pad(last, (K - 1 - last.shape[-1], 0))  # (B, C, K-1)
-        out = torch.cat([self._output(y, z[:, piece]) for y, piece in zip(ys, pieces(u.shape[1], PIECE_TOKENS))], dim=1)
+        out = torch.cat([self._output(y, z[:, piece]) for y, piece in zip(ys, spans)], dim=1)
         return out, FlexMACache(conv_state, ssm)
 
     def step(self, u: Tensor, cache: FlexMACache) -> tuple[Tensor, FlexMACache]:
@@ -470,9 +475,9 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, windows: Windows, out: Ten
 
     q, out: (N, H, Dh); k, v: (N, Hkv, Dh), N = B * L flat tokens, H a multiple of Hkv.
     """
+    gather = lambda t, index: t[index].transpose(1, 2)  # (N, h, Dh) -> (w, h, S, Dh)
     for piece in pieces(len(windows.queries), max(1, PIECE_TOKENS // windows.queries.shape[1])):
         queries, keys, writes = windows.queries[piece], windows.keys[piece], windows.writes[piece]
-        gather = lambda t, index: t[index].transpose(1, 2)  # (N, h, Dh) -> (w, h, S, Dh)
         attended = F.scaled_dot_product_attention(gather(q, queries), gather(k, keys), gather(v, keys),
                                                   attn_mask=windows.mask[piece][:, None], enable_gqa=True)
         out.index_copy_(0, queries[writes], attended.transpose(1, 2)[writes])  # in place: one window at a time
@@ -500,18 +505,17 @@ class LocalSwin(nn.Module):
         self.v_proj = nn.Linear(d_model, kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(heads * head_dim, d_model, bias=False)
 
-    def _qkv(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x: (B, n, D) -> q (B, n, H, Dh), k and v (B, n, Hkv, Dh), RoPE on q and k."""
         q = self.q_proj(x).unflatten(-1, (self.heads, self.head_dim))
         k = self.k_proj(x).unflatten(-1, (self.kv_heads, self.head_dim))
         v = self.v_proj(x).unflatten(-1, (self.kv_heads, self.head_dim))
-        return apply_rotary(q, *rope), apply_rotary(k, *rope), v
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def forward(self, x: Tensor, layout: TokenLayout, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, KVCache]:
         """Full-sequence pass: x (B, L, D) -> (B, L, D) and the text window's cache."""
         batch, length, _ = x.shape
-        parts = [self._qkv(x[:, p], (rope[0][:, p], rope[1][:, p])) for p in pieces(length, PIECE_TOKENS)]
-        q, k, v = (torch.cat(part, dim=1).flatten(0, 1) for part in zip(*parts))  # (B * L, h, Dh)
+        q, k, v = (t.flatten(0, 1) for t in per_token(self._qkv, x, *rope))  # (B * L, h, Dh)
         out = q.new_empty(batch * length, self.heads, self.head_dim)  # every token is written by one window
         window_attention(q, k, v, layout.memo(("text", self.text_window), lambda: text_windows(layout, self.text_window)), out)
         if layout.visual.any():
@@ -524,7 +528,7 @@ class LocalSwin(nn.Module):
 
     def step(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache) -> tuple[Tensor, KVCache]:
         """One new text token: x (B, 1, D) attends to the cached window and itself -> (B, 1, D), new cache."""
-        q, k, v = self._qkv(x, rope)
+        q, k, v = self._qkv(x, *rope)
         k = torch.cat([cache.k, k.transpose(1, 2)], dim=2)  # (B, Hkv, <= text_window, Dh)
         v = torch.cat([cache.v, v.transpose(1, 2)], dim=2)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, enable_gqa=True)  # (B, H, 1, Dh)
