@@ -361,6 +361,26 @@ def test_mmate_prefill_then_decoding_equals_full_pass(branches):
     assert torch.allclose(torch.cat([out, new], 1), full, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("piece", [2048, 5])
+def test_mmate_mixes_its_branches_with_a_per_token_sigmoid_gate(piece, monkeypatch):
+    monkeypatch.setattr(linmu, "PIECE_TOKENS", piece)
+    torch.manual_seed(0)
+    layer = MMATE(d_model=16, heads=4, kv_heads=2, head_dim=4, cfg=MixerConfig(chunk_size=4, text_window=6),
+                  shifted=False).double()
+    with torch.no_grad():
+        layer.gate.weight.normal_()
+        layer.gate.bias.fill_(0.3)
+    visual, grids = make_sequence([3, (2, 2, 2), 4])
+    layout = layout_of(visual, grids)
+    x = torch.randn(1, len(visual), 16, dtype=torch.float64)
+    rope = tuple(t.double() for t in rope_tables(layout.positions, 4))
+    out, _ = layer(x, layout, rope)
+    g = 1 / (1 + torch.exp(-(x @ layer.gate.weight.T + layer.gate.bias)))  # (1, L, 1), written out by hand
+    flex, swin = layer.flex(x, layout.visual)[0], layer.swin(x, layout, rope)[0]  # each tested on its own above
+    assert g.std() > 0.1  # the gate really differs between tokens
+    assert torch.allclose(out, g * flex + (1 - g) * swin, rtol=0, atol=1e-12)
+
+
 def test_mmate_refuses_to_decode_visual_tokens():
     layer = MMATE(d_model=16, heads=4, kv_heads=2, head_dim=4, cfg=MixerConfig(), shifted=False)
     visual, grids = make_sequence([2, (1, 2, 2)])
