@@ -352,7 +352,12 @@ def bench_mixers(teacher: VLM, student: VLM, lengths: list[int], args, device: t
         row = {"tokens": ids.shape[1], "frames": frames}
         for name, mixer in mixers.items():
             bar.set_postfix_str(f"mixer alone, {ids.shape[1]} tokens, {name}")
-            row[name] = measure(lambda: mixer(x, layout(), rope), device, args.warmup, args.repeats).seconds
+            try:
+                row[name] = measure(lambda: mixer(x, layout(), rope), device, args.warmup, args.repeats).seconds
+            except torch.OutOfMemoryError:
+                row[name] = None
+                torch.cuda.empty_cache()
+                tqdm.write(f"mixer alone, {ids.shape[1]} tokens: {name} ran out of memory (reported as '-')")
             bar.update()
         rows.append(row)
     return rows
@@ -421,15 +426,16 @@ def table(rows: list[dict], batch: int) -> str:
 def mixer_table(rows: list[dict]) -> str:
     """The mixer-alone sweep: seconds per length for both, the speedup, and both log-log slopes."""
     lines = [f"  {'tokens':>7s}  {'attention s':>11s}  {'M-MATE s':>8s}  speedup"]
-    lines += [f"  {r['tokens']:7d}  {r['attention']:11.3f}  {r['linmu']:8.3f}  {ratio(r['attention'], r['linmu']):>7s}"
-              for r in rows]
-    if len(rows) >= 2:
-        tokens = [r["tokens"] for r in rows]
-        for name, label in zip(MODELS, ("attention", "M-MATE")):
-            seconds = [r[name] for r in rows]
-            pairs = " ".join(f"{loglog_slope(tokens[i:i + 2], seconds[i:i + 2]):.2f}" for i in range(len(rows) - 1))
-            lines.append(f"  {label:9s} slope over the longest {min(3, len(rows))} lengths: "
-                         f"{loglog_slope(tokens[-3:], seconds[-3:]):.2f} (successive: {pairs})")
+    lines += [f"  {r['tokens']:7d}  {fmt(r['attention'], '.3f'):>11s}  {fmt(r['linmu'], '.3f'):>8s}  "
+              f"{ratio(r['attention'], r['linmu']):>7s}" for r in rows]
+    for name, label in zip(MODELS, ("attention", "M-MATE")):
+        points = [r for r in rows if r[name] is not None]  # lengths that did not run out of memory
+        if len(points) < 2:
+            continue
+        tokens, seconds = [r["tokens"] for r in points], [r[name] for r in points]
+        pairs = " ".join(f"{loglog_slope(tokens[i:i + 2], seconds[i:i + 2]):.2f}" for i in range(len(points) - 1))
+        lines.append(f"  {label:9s} slope over the longest {min(3, len(points))} lengths: "
+                     f"{loglog_slope(tokens[-3:], seconds[-3:]):.2f} (successive: {pairs})")
     return "\n".join(lines)
 
 

@@ -1334,6 +1334,29 @@ def test_bench_times_a_converted_checkpoint_against_a_loaded_teacher(tmp_path, c
     assert "student " + str(tmp_path / "student") in capsys.readouterr().out
 
 
+def test_bench_mixer_sweep_reports_running_out_of_memory_as_a_gap(monkeypatch, capsys):
+    torch.manual_seed(0)
+    teacher = VLM(VLMConfig.from_hf_dict(BENCH_TINY)).eval()
+    student = linmu.convert_to_linmu(teacher).eval()
+    args = bench.parse_args(["--config", "unused", "--warmup", "0", "--repeats", "1"])
+    timed, calls = bench.measure, []
+
+    def measure(fn, *rest):  # the attention mixer (the first of each pair) runs out of memory at the longest length
+        calls.append(fn)
+        if len(calls) == 5:
+            raise torch.OutOfMemoryError("simulated")
+        return timed(fn, *rest)
+
+    monkeypatch.setattr(bench, "measure", measure)
+    with bench.tqdm(total=6, disable=True) as bar:
+        rows = bench.bench_mixers(teacher, student, [8, 16, 32], args, torch.device("cpu"), bar)
+    assert rows[2]["attention"] is None and all(r["linmu"] > 0 for r in rows)
+    table = bench.mixer_table(rows)
+    assert "ran out of memory" in capsys.readouterr().out
+    assert table.splitlines()[3].split()[:4] == ["32", "-", f"{rows[2]['linmu']:.3f}", "-"]
+    assert "attention slope over the longest 2 lengths" in table and "M-MATE    slope over the longest 3" in table
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--tiles", "0x4"], "expected ROWSxCOLS"),
     (["--frames", "8,-1"], "positive integers"),
