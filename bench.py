@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from linmu import VLM, TokenLayout, VLMConfig, convert_to_linmu, load_model
+from linmu import VLM, PromptPlan, TokenLayout, VLMConfig, compile_model, convert_to_linmu, decoder, load_model
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "smolvlm2-256m.json"
 PREFIX_TOKENS, QUESTION_TOKENS = 16, 8  # chat template and system text before, the question after
@@ -172,14 +172,8 @@ def build_models(args, device: torch.device, dtype: torch.dtype) -> tuple[VLM, V
     return teacher, student, source
 
 
-def compile_layers(model: VLM) -> None:
-    """torch.compile every decoder and vision layer in place (identical layers share their compiled code)."""
-    for layer in [*decoder_layers(model), *model.model.vision_model.encoder.layers]:
-        layer.compile()
-
-
 def repeat_batch(cache, batch: int):
-    """A batch-1 decoding cache (tensors in dataclasses and lists) repeated to `batch` sequences."""
+    """A batch-1 decoding cache (tensors in dataclasses and lists) repeated to `batch` sequences (a copy)."""
     if isinstance(cache, Tensor):
         return cache.repeat(batch, *[1] * (cache.dim() - 1))
     if isinstance(cache, list):
@@ -201,36 +195,35 @@ def cache_bytes(cache) -> int:
 # What is timed
 
 
-def greedy(model: VLM, logits: Tensor) -> Tensor:
+def greedy(logits: Tensor, image_token_id: int) -> Tensor:
     """logits (B, V) -> the most likely tokens (B,), never the image placeholder (random weights may favour it)."""
-    return logits.index_fill(-1, torch.tensor([model.config.image_token_id], device=logits.device), -math.inf).argmax(-1)
+    logits = logits.clone()
+    logits[:, image_token_id] = -math.inf
+    return logits.argmax(-1)
 
 
 @torch.no_grad()
-def prefill(model: VLM, input_ids: Tensor, grids: list, image_features: Tensor | None) -> tuple[Tensor, list]:
-    """The prompt through the decoder to the first generated token (greedy) and the caches.
+def prefill(model: VLM, input_ids: Tensor, grids: list, image_features: Tensor | None,
+            new_tokens: int) -> tuple[Tensor, list]:
+    """The prompt through the decoder to the first generated token (greedy) and the decoding caches.
 
     VLM.forward without the images' encoding, and with the head at the last position only: the
     logits of the prompt's other positions are not needed to generate.
     """
     h = model.embed(input_ids, image_features)
     layout = TokenLayout.build(input_ids, model.config.image_token_id, grids)
-    h, caches, _ = model.model.text_model(h, layout)
-    return greedy(model, model.lm_head(h[:, -1])), caches
+    h, caches, _ = model.model.text_model(h, layout, new_tokens)
+    return greedy(model.lm_head(h[:, -1]), model.config.image_token_id), caches
 
 
 @torch.no_grad()
-def end_to_end(model: VLM, input_ids: Tensor, grids: list, pixels: Tensor) -> tuple[Tensor, list]:
-    """The vision encoder on the frames, then the prefill: time to first token."""
-    return prefill(model, input_ids, grids, model.encode_images(pixels))
-
-
-@torch.no_grad()
-def decode(model: VLM, token: Tensor, caches: list, start: int, steps: int) -> Tensor:
-    """`steps` greedy decoding steps on the caches from position `start` -> the last token."""
-    for i in range(steps):
-        out = model(token[:, None], caches=caches, start=start + i)
-        token, caches = greedy(model, out.logits[:, -1]), out.caches
+def decode(step, token: Tensor, start: int, steps: int, image_token_id: int) -> Tensor:
+    """`steps` greedy decoding steps (linmu.decoder: a CUDA graph on CUDA) from position `start` -> the last token.
+    Nothing here waits on the device: the position advances on it."""
+    position = torch.full((1,), start, device=token.device)
+    for _ in range(steps):
+        token = greedy(step(token, position), image_token_id)
+        position += 1
     return token
 
 
@@ -301,66 +294,78 @@ def measure(fn, device: torch.device, warmup: int, repeats: int) -> Timing:
     return Timing(median, max(0.0, warm - warmup * median), peak, result)
 
 
-def bench_model(model: VLM, load: Workload, args, device: torch.device) -> dict:
-    """Every measurement of one model on one workload (inputs shared with the other model through the seed)."""
+def workload_inputs(load: Workload, config: VLMConfig, device: torch.device, dtype: torch.dtype):
+    """The token ids, grids and random visual features of a workload (the same for both models: seeded)."""
     generator = torch.Generator().manual_seed(0)
-    ids = load.input_ids(model.config, generator).to(device)
-    grids = [load.grids]
-    dtype, dim, per_image = model.lm_head.weight.dtype, model.config.text.hidden_size, model.config.image_seq_len
-    images = load.visual_tokens // per_image
-    features = torch.randn(images, per_image, dim, generator=generator).to(device, dtype) if images else None
-    row = {}
+    ids = load.input_ids(config, generator).to(device)
+    images = load.visual_tokens // config.image_seq_len
+    features = (torch.randn(images, config.image_seq_len, config.text.hidden_size, generator=generator).to(device, dtype)
+                if images else None)
+    return ids, [load.grids], features
 
-    run = measure(lambda: prefill(model, ids, grids, features), device, args.warmup, args.repeats)
+
+@torch.no_grad()
+def bench_vision(model: VLM, load: Workload, args, device: torch.device) -> Timing:
+    """The vision encoder and connector on the workload's frames or tiles: the same module, weights and
+    time for both models (the student keeps the teacher's), so it is measured once."""
+    side = model.config.vision.image_size
+    images = load.visual_tokens // model.config.image_seq_len
+    pixels = (torch.rand(images, 3, side, side, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    pixels = pixels.to(device, model.lm_head.weight.dtype)
+    return measure(lambda: model.encode_images(pixels), device, args.warmup, args.repeats)
+
+
+def bench_model(model: VLM, load: Workload, args, device: torch.device) -> dict:
+    """The decoder measurements of one model on one workload: prefill, then decoding at batch 1 and args.batch."""
+    ids, grids, features = workload_inputs(load, model.config, device, model.lm_head.weight.dtype)
+    image_token_id = model.config.image_token_id
+    run = measure(lambda: prefill(model, ids, grids, features, args.new_tokens), device, args.warmup, args.repeats)
     token, caches = run.result
-    row.update(prefill_s=run.seconds, peak_mib=None if run.peak_bytes is None else run.peak_bytes / 2**20,
+    row = dict(prefill_s=run.seconds, peak_mib=None if run.peak_bytes is None else run.peak_bytes / 2**20,
                cache_mib=cache_bytes(caches) / 2**20, warmup_extra_s=run.warmup_extra)
-
-    if images and load.frames <= args.vision_frames:
-        side = model.config.vision.image_size
-        pixels = torch.rand(images, 3, side, side, generator=generator).to(device, dtype) * 2 - 1
-        run = measure(lambda: end_to_end(model, ids, grids, pixels), device, args.warmup, args.repeats)
-        row.update(ttft_s=run.seconds)
-        row["warmup_extra_s"] += run.warmup_extra
-
     for batch in (1, args.batch):
-        start_caches = repeat_batch(caches, batch) if batch > 1 else caches
+        step = decoder(model, repeat_batch(caches, batch))  # the caches of `batch` identical prompts
         first = token.repeat(batch)
-        run = measure(lambda: decode(model, first, start_caches, ids.shape[1], args.new_tokens), device,
+        started = time.perf_counter()
+        step(first, torch.full((1,), ids.shape[1], device=device))  # on CUDA: records the CUDA graph
+        synchronize(device)
+        row["warmup_extra_s"] += time.perf_counter() - started
+        run = measure(lambda: decode(step, first, ids.shape[1], args.new_tokens, image_token_id), device,
                       args.warmup, args.repeats)
         row[f"decode_tok_s_b{batch}"] = batch * args.new_tokens / run.seconds
         row["warmup_extra_s"] += run.warmup_extra
+        del step  # its graph holds the batch's caches
     return row
 
 
 @torch.no_grad()
-def bench_mixers(teacher: VLM, student: VLM, lengths: list[int], args, device: torch.device, bar: tqdm) -> list[dict]:
+def bench_mixers(teacher: VLM, student: VLM, lengths: list[int], args, device: torch.device, bar: tqdm):
     """Layer 0's mixer of each model alone on the visual tokens of a video (whole frames, no text),
-    the layout built inside the timed call (the model's prefill builds it too) -> one row per length."""
+    the layout and PromptPlan built inside the timed call (the model's prefill builds them too): yields a row per length."""
     config = teacher.config
     side, per_frame = math.isqrt(config.image_seq_len), config.image_seq_len
     dtype = teacher.lm_head.weight.dtype
-    mixers = {name: decoder_layers(model)[0].self_attn for name, model in zip(MODELS, (teacher, student))}
-    rows = []
+    mixers = {name: (decoder_layers(model)[0].self_attn, model.model.text_model.mixer)
+              for name, model in zip(MODELS, (teacher, student))}
     for length in lengths:
         frames = max(1, length // per_frame)
         ids = torch.full((1, frames * per_frame), config.image_token_id, device=device)
         layout = lambda: TokenLayout.build(ids, config.image_token_id, [[(frames, side, side)]])
         rope = tuple(t.to(dtype) for t in teacher.model.text_model.rotary(layout().positions))
+        plan = lambda settings: PromptPlan.build(layout(), rope, settings)
         x = torch.randn(1, ids.shape[1], config.text.hidden_size, generator=torch.Generator().manual_seed(0))
         x = x.to(device, dtype)
         row = {"tokens": ids.shape[1], "frames": frames}
-        for name, mixer in mixers.items():
+        for name, (mixer, settings) in mixers.items():
             bar.set_postfix_str(f"mixer alone, {ids.shape[1]} tokens, {name}")
             try:
-                row[name] = measure(lambda: mixer(x, layout(), rope), device, args.warmup, args.repeats).seconds
+                row[name] = measure(lambda: mixer(x, plan(settings)), device, args.warmup, args.repeats).seconds
             except torch.OutOfMemoryError:
                 row[name] = None
                 torch.cuda.empty_cache()
                 tqdm.write(f"mixer alone, {ids.shape[1]} tokens: {name} ran out of memory (reported as '-')")
             bar.update()
-        rows.append(row)
-    return rows
+        yield row
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,30 +409,46 @@ def ratio(a: float | None, b: float | None) -> str:
     return "-" if a is None or b is None else f"{a / b:.2f}x"
 
 
+def table_head(batch: int) -> list[str]:
+    return ["workload", "variant", "tokens", "vision s", "prefill attn s", "LinMU s", "speedup", "TTFT attn s",
+            "LinMU s", "speedup", "dec b1 attn tok/s", "LinMU", "speedup", f"dec b{batch} attn tok/s", "LinMU",
+            "speedup", "peak attn MiB", "LinMU MiB"]
+
+
+def table_cells(r: dict, batch: int) -> list[str]:
+    """One workload and variant: the vision encoder, prefill, TTFT, decoding at batch 1 and `batch`, peak memory."""
+    a, s = r["attention"], r["linmu"]
+    dec = lambda b: [fmt(a.get(f"decode_tok_s_b{b}"), ".1f"), fmt(s.get(f"decode_tok_s_b{b}"), ".1f"),
+                     ratio(s.get(f"decode_tok_s_b{b}"), a.get(f"decode_tok_s_b{b}"))]
+    return [r["workload"], r["variant"], str(r["tokens"]), fmt(r.get("vision_s"), ".3f"),
+            fmt(a["prefill_s"], ".3f"), fmt(s["prefill_s"], ".3f"), ratio(a["prefill_s"], s["prefill_s"]),
+            fmt(a.get("ttft_s"), ".3f"), fmt(s.get("ttft_s"), ".3f"), ratio(a.get("ttft_s"), s.get("ttft_s")),
+            *dec(1), *dec(batch), fmt(a["peak_mib"], ".0f"), fmt(s["peak_mib"], ".0f")]
+
+
+def table_line(cells: list[str], batch: int) -> str:
+    """Cells in columns as wide as the head's (at least 8), so that lines printed one at a time line up."""
+    widths = [14, 8] + [max(8, len(h)) for h in table_head(batch)[2:]]
+    return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+
 def table(rows: list[dict], batch: int) -> str:
-    """One row per workload and variant: prefill, TTFT, decoding at batch 1 and `batch`, peak memory."""
-    head = ["workload", "variant", "tokens", "prefill attn s", "LinMU s", "speedup", "TTFT attn s", "LinMU s",
-            "speedup", "dec b1 attn tok/s", "LinMU", "speedup", f"dec b{batch} attn tok/s", "LinMU", "speedup",
-            "peak attn MiB", "LinMU MiB"]
-    body = []
-    for r in rows:
-        a, s = r["attention"], r["linmu"]
-        dec = lambda b: [fmt(a.get(f"decode_tok_s_b{b}"), ".1f"), fmt(s.get(f"decode_tok_s_b{b}"), ".1f"),
-                         ratio(s.get(f"decode_tok_s_b{b}"), a.get(f"decode_tok_s_b{b}"))]
-        body.append([r["workload"], r["variant"], str(r["tokens"]),
-                     fmt(a["prefill_s"], ".3f"), fmt(s["prefill_s"], ".3f"), ratio(a["prefill_s"], s["prefill_s"]),
-                     fmt(a.get("ttft_s"), ".3f"), fmt(s.get("ttft_s"), ".3f"), ratio(a.get("ttft_s"), s.get("ttft_s")),
-                     *dec(1), *dec(batch), fmt(a["peak_mib"], ".0f"), fmt(s["peak_mib"], ".0f")])
-    widths = [max(len(line[i]) for line in [head] + body) for i in range(len(head))]
-    line = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+    rule = ["-" * 14, "-" * 8] + ["-" * max(8, len(h)) for h in table_head(batch)[2:]]
+    return "\n".join(table_line(cells, batch) for cells in [table_head(batch), rule]
+                     + [table_cells(r, batch) for r in rows])
+
+
+MIXER_HEAD = f"  {'tokens':>7s}  {'attention s':>11s}  {'M-MATE s':>8s}  speedup"
+
+
+def mixer_line(r: dict) -> str:
+    return (f"  {r['tokens']:7d}  {fmt(r['attention'], '.4f'):>11s}  {fmt(r['linmu'], '.4f'):>8s}  "
+            f"{ratio(r['attention'], r['linmu']):>7s}")
 
 
 def mixer_table(rows: list[dict]) -> str:
     """The mixer-alone sweep: seconds per length for both, the speedup, and both log-log slopes."""
-    lines = [f"  {'tokens':>7s}  {'attention s':>11s}  {'M-MATE s':>8s}  speedup"]
-    lines += [f"  {r['tokens']:7d}  {fmt(r['attention'], '.3f'):>11s}  {fmt(r['linmu'], '.3f'):>8s}  "
-              f"{ratio(r['attention'], r['linmu']):>7s}" for r in rows]
+    lines = [MIXER_HEAD] + [mixer_line(r) for r in rows]
     for name, label in zip(MODELS, ("attention", "M-MATE")):
         points = [r for r in rows if r[name] is not None]  # lengths that did not run out of memory
         if len(points) < 2:
@@ -581,6 +602,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def write_json(path: str, payload: dict) -> None:
+    """Write the results so far, atomically: an interrupted run leaves the last complete file."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     device = args.device
@@ -595,18 +623,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"torch {torch.__version__}, {device}, {str(dtype).removeprefix('torch.')}, {source}; decoder "
               f"{layers} of {config.text.num_hidden_layers} layers, width {config.text.hidden_size}, "
               f"{config.text.num_attention_heads} heads; {config.image_seq_len} tokens per frame or tile",
-              f"median of {args.repeats} after {args.warmup} warm-up; decoding {args.new_tokens} tokens; "
-              f"TTFT with the vision encoder for at most {args.vision_frames} frames"]
+              f"median of {args.repeats} after {args.warmup} warm-up; decoding {args.new_tokens} tokens "
+              f"({'CUDA graphs' if device.type == 'cuda' else 'eager'}); vision encoder timed for at most "
+              f"{args.vision_frames} frames, TTFT = vision encoder + prefill"]
     print("\n".join(header), flush=True)
-    rows = []
+    rows, mixers, slopes = [], [], []
+    results = lambda: {"header": header, "machine": machine(device), "torch": torch.__version__, "device": str(device),
+                       "dtype": str(dtype).removeprefix("torch."), "source": source, "decoder_layers": layers,
+                       "settings": {k: v for k, v in vars(args).items() if k not in ("device",)},
+                       "results": rows, "scaling": slopes, "mixers": mixers}
     runs = (len(args.variants) * len(loads) + len(args.mixer_lengths)) * len(MODELS)
     with tqdm(total=runs, desc="bench", unit="run") as bar:
+        bar.write(table_line(table_head(args.batch), args.batch))
         for variant in args.variants:
             if variant == "compile":
                 for model in models.values():
-                    compile_layers(model)
+                    compile_model(model)
             for load in loads:
                 row = dict(workload=load.name, variant=variant, tokens=load.tokens, frames=load.frames)
+                if load.visual_tokens and load.frames <= args.vision_frames:
+                    bar.set_postfix_str(f"{variant} {load.name}: vision encoder")
+                    row["vision_s"] = bench_vision(teacher, load, args, device).seconds
                 for name, model in models.items():
                     bar.set_postfix_str(f"{variant} {load.name} ({load.tokens} tokens) {name}")
                     try:
@@ -615,10 +652,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         row[name] = dict(prefill_s=None, peak_mib=None, cache_mib=None, warmup_extra_s=0.0,
                                          out_of_memory=True)
                         torch.cuda.empty_cache()
-                        tqdm.write(f"{variant} {load.name}: {name} ran out of memory (reported as '-')")
+                        bar.write(f"{variant} {load.name}: {name} ran out of memory (reported as '-')")
+                    if "vision_s" in row and row[name]["prefill_s"] is not None:
+                        row[name]["ttft_s"] = row["vision_s"] + row[name]["prefill_s"]
                     bar.update()
                 rows.append(row)
-        mixers = bench_mixers(teacher, student, args.mixer_lengths, args, device, bar)
+                bar.write(table_line(table_cells(row, args.batch), args.batch))
+                if args.json:
+                    write_json(args.json, results())
+        if args.mixer_lengths:
+            bar.write("one decoder layer's mixer alone, eager, video tokens:\n" + MIXER_HEAD)
+        for row in bench_mixers(teacher, student, args.mixer_lengths, args, device, bar):
+            mixers.append(row)
+            bar.write(mixer_line(row))
+            if args.json:
+                write_json(args.json, results())
 
     print("\n" + "\n".join(header))
     print(table(rows, args.batch))
@@ -631,19 +679,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"{r['workload']}: attn {fmt(r['attention']['cache_mib'], '.3g')} / LinMU {fmt(r['linmu']['cache_mib'], '.3g')}"
         for r in rows if r["variant"] == args.variants[0]))
     print("scaling of the decoder prefill with prompt length (log-log slope: 1 linear, 2 quadratic):")
-    slopes = [line for variant in args.variants
-              for line in [f" {variant}:"] + scaling([r for r in rows if r["variant"] == variant])]
+    slopes += [line for variant in args.variants
+               for line in [f" {variant}:"] + scaling([r for r in rows if r["variant"] == variant])]
     print("\n".join(slopes))
     if mixers:
         print("one decoder layer's mixer alone, eager, video tokens (the part LinMU replaces; no MLP):")
         print(mixer_table(mixers))
     print(plot(rows, args.plot))
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "header": header, "machine": machine(device), "torch": torch.__version__, "device": str(device),
-            "dtype": str(dtype).removeprefix("torch."), "source": source, "decoder_layers": layers,
-            "settings": {k: v for k, v in vars(args).items() if k not in ("device",)},
-            "results": rows, "scaling": slopes, "mixers": mixers}, indent=2) + "\n")
+        write_json(args.json, results())
         print(f"results written to {args.json}")
     return rows
 

@@ -21,7 +21,6 @@ DEFAULT_TEACHER = "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"
 DEFAULT_STUDENT = "checkpoints/linmu-smolvlm2-256m"
 
 MIXER_HELP = {
-    "chunk_size": "Flex-MA's SSD chunk length",
     "conv_kernel": "Flex-MA's causal convolution width",
     "window_frames": "Local-Swin window over video frames",
     "window_rows": "Local-Swin window over token rows",

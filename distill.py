@@ -145,8 +145,8 @@ def student_hidden_states(student: VLM, teacher_hidden: list[torch.Tensor], batc
         return stream[1:]
     text = student.model.text_model
     layout = TokenLayout.build(batch["input_ids"], student.config.image_token_id, batch["grids"])
-    rope = tuple(t.to(teacher_hidden[0].dtype) for t in text.rotary(layout.positions))
-    return [layer(h, layout, rope)[0] for layer, h in zip(text.layers, teacher_hidden[:-1])]
+    plan = text.plan(layout, teacher_hidden[0].dtype)
+    return [layer(h, plan)[0] for layer, h in zip(text.layers, teacher_hidden[:-1])]
 
 
 def distill_loss(student: VLM, teacher: VLM, batch: Batch, cfg: DistillConfig) -> tuple[torch.Tensor, dict]:

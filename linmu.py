@@ -8,10 +8,15 @@ Read this file top to bottom next to the paper:
   4. M-MATE, the two branches fused by a per-token gate, initialized from attention;
   5. LoRA adapters for the last distillation stage;
   6. the vision-language model (SmolVLM2: SigLIP, pixel-shuffle connector, Llama decoder),
-     whose decoder self-attention layers M-MATE replaces.
+     whose decoder self-attention layers M-MATE replaces; generation with fixed-size decoding state.
 
 Shapes are written (B, L, H, P) style: batch, length, heads, head dim; N is the SSM state size,
 G the number of B/C groups, D the model width.
+
+One implementation serves the CPU and the GPU. Everything that depends on a prompt's content
+(where its visual tokens are, Local-Swin's windows) is worked out once per prompt, before the
+decoder layers (PromptPlan), so that a layer runs a fixed number of torch operations whatever the
+prompt's length, never waits on the host, and compiles into one graph for every length.
 """
 
 from __future__ import annotations
@@ -35,19 +40,42 @@ from torch import Tensor, nn
 class MixerConfig:
     """M-MATE settings. The paper fixes the two-branch design; these sizes are our documented defaults.
 
-    chunk_size: SSD chunk length (Flex-MA); conv_kernel: Flex-MA's short causal convolution;
+    conv_kernel: Flex-MA's short causal convolution;
     window_frames/rows/cols: Local-Swin's 3D window over visual grids (2D for an image: frames=1);
     text_window: how many previous tokens (any modality, itself included) a text token attends to;
     branches: "both" (M-MATE), or one branch alone: "flex" (stage 1, ablation) or "swin" (ablation).
+    The SSD scan's chunk length is not a property of the model but of the device: see Tuning.
     """
 
-    chunk_size: int = 64
     conv_kernel: int = 4
     window_frames: int = 2
     window_rows: int = 4
     window_cols: int = 4
     text_window: int = 128
     branches: str = "both"
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """How the decoder cuts a long prompt into work on one kind of device. These settings change
+    speed and memory, never the result (beyond rounding), so they belong to the machine, not to
+    the model. The values in TUNING were measured with bench.py (README).
+
+    piece_tokens: the prompt is worked through this many tokens at a time, None for all at once
+      (see pieces). A CPU wants small pieces, whose temporaries stay in its caches; a GPU wants
+      the whole prompt, a few large kernels per layer instead of many small ones.
+    chunk_size: the SSD scan's chunk length Q (see ssd_scan).
+    """
+
+    piece_tokens: int | None
+    chunk_size: int
+
+
+TUNING = {"cpu": Tuning(piece_tokens=2048, chunk_size=64), "cuda": Tuning(piece_tokens=None, chunk_size=128)}
+
+
+def tuning(device: torch.device) -> Tuning:
+    return TUNING["cuda" if device.type == "cuda" else "cpu"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,7 +105,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 @dataclass
 class TokenLayout:
-    """Where each token of a (B, L) multimodal sequence sits.
+    """Where each token of a (B, L) multimodal prompt sits.
 
     positions: (B, L) absolute positions (for RoPE);
     visual:    (B, L) True for image/video tokens;
@@ -90,79 +118,100 @@ class TokenLayout:
     visual: Tensor
     cells: Tensor
     grid_shapes: list[list[tuple[int, int, int]]]
-    _memo: dict = field(default_factory=dict, repr=False)
-
-    def memo(self, key, compute):
-        """compute() once per layout (window partitions are shared by all layers)."""
-        if key not in self._memo:
-            self._memo[key] = compute()
-        return self._memo[key]
-
-    @classmethod
-    def text(cls, batch: int, length: int, start: int = 0, device=None) -> TokenLayout:
-        """A text-only layout: positions start, ..., start + length - 1 (used while decoding)."""
-        positions = torch.arange(start, start + length, device=device).expand(batch, length)
-        visual = torch.zeros(batch, length, dtype=torch.bool, device=device)
-        cells = torch.full((batch, length, 4), -1, dtype=torch.long, device=device)
-        return cls(positions, visual, cells, [[] for _ in range(batch)])
 
     @classmethod
     def build(cls, input_ids: Tensor, image_token_id: int,
-              grids: list[list[tuple[int, int, int]]] | None, start: int = 0) -> TokenLayout:
+              grids: list[list[tuple[int, int, int]]] | None) -> TokenLayout:
         """Lay out a prompt: the image tokens of row b fill grids[b] in order, each frame row-major."""
         batch, length = input_ids.shape
-        layout = cls.text(batch, length, start, input_ids.device)
-        layout.visual = input_ids == image_token_id
-        layout.grid_shapes = [list(map(tuple, g)) for g in grids] if grids is not None else [[] for _ in range(batch)]
-        if len(layout.grid_shapes) != batch:
-            raise ValueError(f"grids has {len(layout.grid_shapes)} entries for a batch of {batch}: give one list of "
+        device = input_ids.device
+        grid_shapes = [list(map(tuple, g)) for g in grids] if grids is not None else [[] for _ in range(batch)]
+        if len(grid_shapes) != batch:
+            raise ValueError(f"grids has {len(grid_shapes)} entries for a batch of {batch}: give one list of "
                              "(frames, rows, cols) per sequence")
-        cells = layout.cells.clone()
-        for b, shapes in enumerate(layout.grid_shapes):
-            where = layout.visual[b].nonzero().squeeze(1)
+        visual = input_ids == image_token_id
+        cells = torch.full((batch, length, 4), -1, dtype=torch.long, device=device)
+        for b, shapes in enumerate(grid_shapes):
+            where = visual[b].nonzero().squeeze(1)
             sizes = [f * r * c for f, r, c in shapes]
             if sum(sizes) != len(where):
                 raise ValueError(f"sequence {b} has {len(where)} image tokens but its grids {shapes} hold "
                                  f"{sum(sizes)}: pass the grids the processor returned with these input_ids")
             for g, ((f, r, c), idx) in enumerate(zip(shapes, where.split(sizes))):
-                t, y, x = torch.meshgrid(*(torch.arange(n, device=input_ids.device) for n in (f, r, c)), indexing="ij")
+                t, y, x = torch.meshgrid(*(torch.arange(n, device=device) for n in (f, r, c)), indexing="ij")
                 cells[b, idx] = torch.stack([torch.full_like(t, g), t, y, x], -1).reshape(-1, 4)
-        layout.cells = cells
-        return layout
+        positions = torch.arange(length, device=device).expand(batch, length)
+        return cls(positions, visual, cells, grid_shapes)
 
 
-PIECE_TOKENS = 2048  # a long prompt is worked through this many tokens at a time (see pieces)
-
-
-def pieces(length: int, size: int) -> list[slice]:
-    """Consecutive slices of at most `size` covering range(length).
+def pieces(length: int, size: int | None) -> list[slice]:
+    """Consecutive slices of at most `size` (None: one slice) covering range(length).
 
     Flex-MA's scan, Local-Swin's windows and the per-token parts of every decoder layer work
     through a long prompt a piece at a time, each piece continuing from where the previous one
     ended: the same result as one pass, with temporaries that do not grow with the prompt. On a
     CPU that is most of the speed: a piece's temporaries stay in cache and are reused by the
-    allocator, where whole-prompt temporaries are fresh memory, paged in on every call."""
+    allocator, where whole-prompt temporaries are fresh memory, paged in on every call. On a GPU
+    the opposite holds, and the whole prompt is one piece (Tuning)."""
+    if size is None:
+        return [slice(0, length)]
     return [slice(start, min(start + size, length)) for start in range(0, length, size)]
 
 
 def per_token(fn, *xs: Tensor) -> Tensor | tuple[Tensor, ...]:
     """fn(*xs) for a function that treats every token alone (norms, MLPs, gates, projections):
-    xs (B, L, ...), PIECE_TOKENS tokens at a time, so that only the result (a tensor, or a tuple of
-    them if fn returns one) spans the whole prompt."""
-    outputs = [fn(*(x[:, piece] for x in xs)) for piece in pieces(xs[0].shape[1], PIECE_TOKENS)]
+    xs (B, L, ...), a piece of tokens at a time (Tuning.piece_tokens), so that only the result (a
+    tensor, or a tuple of them if fn returns one) spans the whole prompt."""
+    spans = pieces(xs[0].shape[1], tuning(xs[0].device).piece_tokens)
+    if len(spans) == 1:
+        return fn(*xs)
+    outputs = [fn(*(x[:, piece] for x in xs)) for piece in spans]
     if isinstance(outputs[0], Tensor):
         return torch.cat(outputs, dim=1)
     return tuple(torch.cat(parts, dim=1) for parts in zip(*outputs))
 
 
+class AttentionProjections(nn.Module):
+    """The q/k/v/o projections of grouped-query self-attention, with RoPE on q and k. The teacher's
+    attention and Local-Swin (which starts as a copy of it) are both built on them."""
+
+    def __init__(self, d_model: int, heads: int, kv_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.q_proj = nn.Linear(d_model, heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(d_model, kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(d_model, kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * head_dim, d_model, bias=False)
+
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x: (B, n, D) -> q (B, n, H, Dh), k and v (B, n, Hkv, Dh), RoPE on q and k."""
+        q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
+        k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+
 @dataclass
 class KVCache:
-    """Keys (after RoPE) and values kept for decoding: (B, kv heads, T, Dh).
-
-    The teacher keeps them for every token so far; Local-Swin for its text window only."""
+    """Keys (after RoPE) and values kept for decoding, in buffers allocated once and written in
+    place: (B, kv heads, slots, Dh). The teacher keeps every token (slot = position, with room for
+    the tokens to generate); Local-Swin a ring of its text window (slot = position mod window).
+    Slots not yet written hold zeros and are masked out."""
 
     k: Tensor
     v: Tensor
+
+
+def cached_attention(q: Tensor, cache: KVCache, visible: Tensor) -> Tensor:
+    """One new token per sequence attends to the cache's visible slots: q (B, 1, H, Dh), visible
+    (slots,) bool -> (B, 1, H Dh).
+
+    The query heads that share a kv head are laid along the query axis, (B, Hkv, H/Hkv, Dh), so
+    each cached key and value is read once, and never repeated per query head."""
+    batch, _, heads, head_dim = q.shape
+    grouped = q.reshape(batch, cache.k.shape[1], -1, head_dim)  # (B, Hkv, H/Hkv, Dh)
+    y = F.scaled_dot_product_attention(grouped, cache.k, cache.v, attn_mask=visible[None])  # (B, Hkv, H/Hkv, Dh)
+    return y.reshape(batch, 1, heads * head_dim)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,17 +231,45 @@ def segment_sum(a: Tensor) -> Tensor:
     return sums.masked_fill_(above.triu(1), -math.inf)  # in place: cumsum's backward does not need its output
 
 
-@torch.compiler.disable  # small sequential steps: torch.compile would only unroll the loop, once per length
-def carry_across_chunks(chunk_states: Tensor, chunk_decay: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-    """SSD's step 3: state_c = decay_c * state_{c-1} + chunk_states_c, one chunk at a time.
+CHUNKS_PER_BLOCK = 16  # SSD step 3 carries the state within blocks of this many chunks, then across blocks
 
-    chunk_states: (c, B, H, P, N); chunk_decay: (c, B, H, 1, 1); state: (B, H, P, N) before the first chunk.
-    Returns the state entering each chunk (B, H, c, P, N) and the state after the last one."""
-    entering = []
-    for c in range(chunk_states.shape[0]):
-        entering.append(state)
-        state = torch.addcmul(chunk_states[c], chunk_decay[c], state)
-    return torch.stack(entering, dim=2), state
+
+def carry_across_chunks(chunk_states: Tensor, chunk_log_decay: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+    """SSD's step 3: the state entering each chunk, s_c = exp(a_{c-1}) s_{c-1} + own_{c-1}, s_0 = state.
+
+    chunk_states: (B, H, c, P, N) each chunk's own final state (own_c); chunk_log_decay: (B, H, c)
+    the log decay a_c across chunk c; state: (B, H, P, N) before the first chunk. Returns the state
+    entering each chunk (B, H, c, P, N) and the state after the last one (B, H, P, N).
+
+    ssd_minimal writes this recurrence as one matmul with a (c x c) segment-sum of decays, whose
+    cost grows with c^2. Here it has two levels, each one segment-sum matmul, so that the cost
+    stays linear and the number of torch operations does not depend on c:
+      * within blocks of R = CHUNKS_PER_BLOCK chunks, from the block's own chunks ((R+1) x R per block);
+      * across blocks, from each block's own final state and `state`: ((c/R + 1) x (c/R + 1)), a
+        quadratic term with so small a constant (c/R is 19 blocks at 75k tokens and Q = 64) that
+        it stays under 1% of the scan's FLOPs below about a million tokens.
+    """
+    batch, heads, chunks, P, N = chunk_states.shape
+    R = CHUNKS_PER_BLOCK
+    blocks = chunks // R + 1  # at least one padded chunk (no input, no decay): see ssd_scan
+    pad = blocks * R - chunks
+    own = F.pad(chunk_states.flatten(3), (0, 0, 0, pad)).unflatten(2, (blocks, R))  # (B, H, b, R, PN)
+    log_decay = F.pad(chunk_log_decay, (0, pad)).unflatten(2, (blocks, R))  # (B, H, b, R)
+
+    # within a block: decay[r, j] = exp(a_j + ... + a_{r-1}) for j <= r, over the R + 1 boundaries
+    decay = torch.exp(segment_sum(F.pad(log_decay, (1, 0))))  # (B, H, b, R+1, R+1)
+    # row r < R: what enters chunk r from the block's earlier chunks; row R: the block's own final state
+    within = decay[..., 1:] @ own  # (B, H, b, R+1, PN)
+
+    # across blocks, ssd_minimal's form: row k is the state entering block k, row b the final state
+    finals = torch.cat([state.flatten(2)[:, :, None], within[:, :, :, R]], dim=2)  # (B, H, b+1, PN)
+    block_log_decay = F.pad(log_decay.sum(-1), (1, 0))  # (B, H, b+1)
+    entering_blocks = torch.exp(segment_sum(block_log_decay)) @ finals  # (B, H, b+1, PN)
+
+    # entering chunk r of block k: block k's entering state decayed to chunk r, plus the block's own part
+    entering = torch.addcmul(within[..., :R, :], decay[..., :R, :1], entering_blocks[:, :, :-1, None])
+    entering = entering.flatten(2, 3)[:, :, :chunks].unflatten(-1, (P, N))  # (B, H, c, P, N)
+    return entering, entering_blocks[:, :, -1].unflatten(-1, (P, N))
 
 
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
@@ -207,19 +284,22 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     final state (B, H, P, N) in the float32 (float64 for float64 inputs) the scan accumulates in.
 
     Four steps per chunk of Q tokens: (1) outputs from inputs inside the chunk, a Q x Q masked
-    matmul; (2) each chunk's state from its own inputs; (3) a recurrence carrying the state from
-    chunk to chunk; (4) outputs from the carried-in state. The cost is O(L Q (N + P) H): linear in L.
+    matmul; (2) each chunk's state from its own inputs; (3) the state carried from chunk to chunk
+    (carry_across_chunks); (4) outputs from the carried-in state. The cost is O(L Q (N + P) H):
+    linear in L, in a fixed number of batched operations whatever L is.
     """
     batch, length, heads, head_dim = x.shape
     if heads % B.shape[2]:
         raise ValueError(f"ssd_scan: {heads} heads is not a multiple of {B.shape[2]} B/C groups")
     out_dtype = x.dtype
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    pad = -length % chunk_size  # padded steps have dt = 0: no input and no decay, state unchanged
-    chunks = (length + pad) // chunk_size
+    # Padded steps have dt = 0: no input and no decay, the state unchanged. There is always at least
+    # one, so that every length gives the same shape arithmetic (torch.compile: one graph for all).
+    chunks = length // chunk_size + 1
+    pad = chunks * chunk_size - length
 
     def chunked(t: Tensor) -> Tensor:  # (B, L, H, ...) -> (B, H, c, Q, ...), one copy
-        t = F.pad(t.to(acc), (0, 0) * (t.dim() - 2) + (0, pad)) if pad else t.to(acc)
+        t = F.pad(t.to(acc), (0, 0) * (t.dim() - 2) + (0, pad))
         return t.reshape(batch, chunks, chunk_size, *t.shape[2:]).movedim(3, 1).contiguous()
 
     if heads != B.shape[2]:
@@ -233,22 +313,22 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     decay = segment_sum(log_decay)  # (B, H, c, Q, Q)
     if exclusive:
         decay.diagonal(dim1=-2, dim2=-1).fill_(-math.inf)
-    scores = (C @ B.transpose(-1, -2)) * decay.exp_()  # in place: exp's backward reads its output
+    scores = (C @ B.transpose(-1, -2)).mul_(decay.exp_())  # (B, H, c, Q, Q), in place: the largest temporaries
+    del decay
     y = scores @ x_dt  # (B, H, c, Q, P)
+    del scores
 
     # 2. Each chunk's final state from its own inputs, decayed to the chunk's end
     to_end = (cum[..., -1:] - cum).exp()  # (B, H, c, Q)
     chunk_states = x_dt.transpose(-1, -2) @ (B * to_end[..., None])  # (B, H, c, P, N)
 
     # 3. Carry the state across chunks: entering[:, :, c] is the state before chunk c
-    chunk_decay = cum[..., -1].exp().movedim(2, 0)[..., None, None]  # (c, B, H, 1, 1)
-    chunk_states = chunk_states.movedim(2, 0).contiguous()  # (c, B, H, P, N)
     state = (torch.zeros(batch, heads, head_dim, B.shape[-1], dtype=acc, device=x.device)
              if initial_state is None else initial_state.to(acc))
-    entering, state = carry_across_chunks(chunk_states, chunk_decay, state)  # (B, H, c, P, N), (B, H, P, N)
+    entering, state = carry_across_chunks(chunk_states, cum[..., -1], state)  # (B, H, c, P, N), (B, H, P, N)
 
     # 4. Outputs from the carried-in state, decayed to each position
-    y = y + (C * cum.exp()[..., None]) @ entering.transpose(-1, -2)  # (B, H, c, Q, P)
+    y = y.add_((C * cum.exp()[..., None]) @ entering.transpose(-1, -2))  # (B, H, c, Q, P)
     y = y.reshape(batch, heads, chunks * chunk_size, head_dim)[:, :, :length].transpose(1, 2)  # (B, L, H, P)
     return y.to(out_dtype), state
 
@@ -259,7 +339,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
 
 @dataclass
 class FlexMACache:
-    """Flex-MA's decoding state: the last conv_kernel - 1 conv inputs (B, C, K-1) and the SSM state (B, H, P, N)."""
+    """Flex-MA's decoding state, updated in place: the last conv_kernel - 1 conv inputs (B, C, K-1) and the SSM state (B, H, P, N)."""
 
     conv: Tensor
     ssm: Tensor
@@ -291,7 +371,7 @@ class FlexMA(nn.Module):
 
     def __init__(self, d_model: int, heads: int, head_dim: int, cfg: MixerConfig, eps: float = 1e-5):
         super().__init__()
-        self.heads, self.head_dim, self.d_state, self.chunk_size = heads, head_dim, head_dim, cfg.chunk_size
+        self.heads, self.head_dim, self.d_state = heads, head_dim, head_dim
         self.d_inner = heads * head_dim
         self.conv_dim = self.d_inner + 2 * heads * self.d_state  # x, B, C
         self.in_proj = nn.Linear(d_model, self.d_inner + self.conv_dim + heads, bias=False)  # [z | x | B | C | dt]
@@ -327,8 +407,8 @@ class FlexMA(nn.Module):
         return (x.reshape(-1, n, self.heads, self.head_dim),
                 B.reshape(-1, n, self.heads, self.d_state), C.reshape(-1, n, self.heads, self.d_state))
 
-    def _scan(self, xBC: Tensor, dt: Tensor, A: Tensor, visual: Tensor | None) -> tuple[Tensor, Tensor]:
-        """One direction of Flex-MA over the whole prompt, PIECE_TOKENS at a time.
+    def _scan(self, xBC: Tensor, dt: Tensor, A: Tensor, visual: Tensor | None) -> tuple[list[Tensor], Tensor]:
+        """One direction of Flex-MA over the whole prompt, a piece at a time (Tuning.piece_tokens).
 
         visual=None: the forward direction, conv_forward and the scan over s <= t, plus D x_t.
         visual given: the backward direction, on the reversed sequence with the text tokens' conv
@@ -336,23 +416,24 @@ class FlexMA(nn.Module):
         Each piece takes its conv inputs with the K - 1 before it in scan order (zeros past the
         sequence's ends) and starts from the state the piece before it in scan order ends in.
         xBC: (B, L, conv_dim), dt: (B, L, H) in the original order -> y, one (B, n, H, P) per piece
-        of pieces(L, PIECE_TOKENS) in the original order, and the final state.
+        of pieces(L, piece_tokens) in the original order, and the final state.
         """
         backward = visual is not None
         conv = self.conv_backward if backward else self.conv_forward
-        length, K = xBC.shape[1], conv.kernel_size[0]
+        settings = tuning(xBC.device)
+        K = conv.kernel_size[0]
         ys, state = [], None
-        for piece in pieces(length, PIECE_TOKENS)[::-1 if backward else 1]:
+        for piece in pieces(xBC.shape[1], settings.piece_tokens)[::-1 if backward else 1]:
             if backward:  # the piece and the K - 1 tokens after it, reversed; text tokens: no input and no decay
-                around = slice(piece.start, min(length, piece.stop + K - 1))
+                around = slice(piece.start, piece.stop + K - 1)  # clipped at the sequence's end
                 inputs = (xBC[:, around] * visual[:, around, None]).flip(1)
                 d = (dt[:, piece] * visual[:, piece, None]).flip(1)
             else:  # the piece and the K - 1 tokens before it
                 inputs, d = xBC[:, max(0, piece.start - (K - 1)):piece.stop], dt[:, piece]
             inputs = F.pad(inputs, (0, 0, K - 1 + d.shape[1] - inputs.shape[1], 0))  # (B, K - 1 + n, conv_dim)
             x, B, C = self._features(inputs, conv)
-            y, state = ssd_scan(x, d, A, B, C, self.chunk_size, state, exclusive=backward)  # (B, n, H, P)
-            ys.append(y.flip(1) if backward else y + self.D[:, None] * x)
+            y, state = ssd_scan(x, d, A, B, C, settings.chunk_size, state, exclusive=backward)  # (B, n, H, P)
+            ys.append(y.flip(1) if backward else y.addcmul_(self.D[:, None], x))
         return ys[::-1] if backward else ys, state
 
     def _output(self, y: Tensor, z: Tensor) -> Tensor:
@@ -360,35 +441,36 @@ class FlexMA(nn.Module):
         gate = F.silu(z + self.z_bias).unflatten(-1, (self.heads, self.head_dim))
         return self.out_proj(self.norm(y * gate).flatten(2))
 
-    def forward(self, u: Tensor, visual: Tensor) -> tuple[Tensor, FlexMACache]:
-        """Full-sequence pass. u: (B, L, D); visual: (B, L) bool. Returns (B, L, D) and the decoding cache."""
+    def forward(self, u: Tensor, visual: Tensor | None) -> tuple[Tensor, FlexMACache]:
+        """Full-sequence pass. u: (B, L, D); visual: (B, L) bool, or None for a prompt without visual
+        tokens (no backward scan). Returns (B, L, D) and the decoding cache."""
         z, xBC, dt = self._split(u)
         A = -self.A_log.exp()
         dt = F.softplus(dt + self.dt_bias)  # (B, L, H)
-        spans = pieces(u.shape[1], PIECE_TOKENS)  # the pieces _scan returns y in
+        spans = pieces(u.shape[1], tuning(u.device).piece_tokens)  # the pieces _scan returns y in
         ys, ssm = self._scan(xBC, dt, A, visual=None)  # s <= t
-        if visual.any():
+        if visual is not None:
             backward, _ = self._scan(xBC, dt, A, visual)  # s > t
-            keep = visual[..., None, None]
-            ys = [y.addcmul_(b, keep[:, piece]) for y, b, piece in zip(ys, backward, spans)]
+            ys = [y.addcmul_(b, visual[:, piece, None, None]) for y, b, piece in zip(ys, backward, spans)]
         K = self.conv_forward.kernel_size[0]
-        last = xBC[:, max(0, xBC.shape[1] - (K - 1)):].transpose(1, 2)  # the last K-1 inputs (fewer for short prompts)
+        last = xBC[:, -(K - 1):].transpose(1, 2)  # the last K-1 inputs (fewer for short prompts)
         conv_state = F.pad(last, (K - 1 - last.shape[-1], 0))  # (B, C, K-1)
         out = torch.cat([self._output(y, z[:, piece]) for y, piece in zip(ys, spans)], dim=1)
         return out, FlexMACache(conv_state, ssm)
 
-    def step(self, u: Tensor, cache: FlexMACache) -> tuple[Tensor, FlexMACache]:
-        """One new text token, O(1) in the context length: u (B, 1, D) -> (B, 1, D) and the updated cache."""
+    def step(self, u: Tensor, cache: FlexMACache) -> Tensor:
+        """One new text token, O(1) in the context length: u (B, 1, D) -> (B, 1, D); the cache is updated in place."""
         z, xBC, dt = self._split(u)
         window = torch.cat([cache.conv, xBC.transpose(1, 2)], dim=-1)  # (B, C, K)
+        cache.conv.copy_(window[..., 1:])
         xBC = F.silu((window * self.conv_forward.weight.squeeze(1)).sum(-1) + self.conv_forward.bias)  # (B, C)
         x, B, C = (t.unflatten(-1, (self.heads, -1)) for t in xBC.split([self.d_inner] * 3, dim=-1))
         acc = cache.ssm.dtype  # the scan's accumulation precision
         dt = F.softplus(dt[:, 0] + self.dt_bias).to(acc)  # (B, H)
         decay = torch.exp(dt * -self.A_log.exp())[..., None, None]
-        ssm = decay * cache.ssm + (dt[..., None] * x.to(acc))[..., None] * B.to(acc)[:, :, None, :]  # (B, H, P, N)
-        y = (ssm @ C.to(acc)[..., None]).squeeze(-1).to(x.dtype) + self.D[:, None] * x  # (B, H, P)
-        return self._output(y[:, None], z), FlexMACache(window[..., 1:], ssm)
+        cache.ssm.mul_(decay).add_((dt[..., None] * x.to(acc))[..., None] * B.to(acc)[:, :, None, :])  # (B, H, P, N)
+        y = (cache.ssm @ C.to(acc)[..., None]).squeeze(-1).to(x.dtype) + self.D[:, None] * x  # (B, H, P)
+        return self._output(y[:, None], z)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,7 +518,7 @@ def swin_windows(layout: TokenLayout, window: tuple[int, int, int], shifted: boo
     order = torch.argsort(window_id, stable=True)
     counts = torch.bincount(window_id)
     rank = torch.arange(len(order), device=device) - (counts.cumsum(0) - counts)[window_id[order]]
-    index = torch.zeros(len(counts), int(counts.max()) if len(counts) else 0, dtype=torch.long, device=device)
+    index = torch.zeros(len(counts), int(counts.max()), dtype=torch.long, device=device)
     valid = torch.zeros_like(index, dtype=torch.bool)
     index[window_id[order], rank] = flat[order]
     valid[window_id[order], rank] = True
@@ -470,74 +552,115 @@ def text_windows(layout: TokenLayout, text_window: int) -> Windows:
                    mask[kept], text[sample, kept])
 
 
-def window_attention(q: Tensor, k: Tensor, v: Tensor, windows: Windows, out: Tensor) -> None:
-    """Each window's queries attend to its keys; their outputs are written into out, PIECE_TOKENS queries at a time.
+@dataclass
+class LocalWindows:
+    """All of Local-Swin's windows over one prompt: the text windows and the Swin windows (None
+    when the prompt has no text, or no visual token) and, for each of the B * L tokens, the row of
+    the windows' concatenated outputs (text windows' query slots, then Swin windows') that holds its output."""
 
-    q, out: (N, H, Dh); k, v: (N, Hkv, Dh), N = B * L flat tokens, H a multiple of Hkv.
-    """
+    text: Windows | None
+    swin: Windows | None
+    source: Tensor
+
+    @classmethod
+    def build(cls, layout: TokenLayout, text: Windows | None, swin: Windows | None) -> LocalWindows:
+        source = torch.empty(layout.visual.numel(), dtype=torch.long, device=layout.visual.device)  # (B * L,)
+        start = 0
+        for windows in [w for w in (text, swin) if w is not None]:
+            slots = windows.writes.flatten().nonzero().squeeze(1)  # the query slots that give a token's output
+            source[windows.queries.flatten()[slots]] = start + slots
+            start += windows.writes.numel()
+        return cls(text, swin, source)
+
+
+def window_attention(q: Tensor, k: Tensor, v: Tensor, windows: Windows) -> Tensor:
+    """Each window's queries attend to its keys, a piece of windows at a time (Tuning.piece_tokens queries).
+
+    q: (N, H, Dh); k, v: (N, Hkv, Dh), N = B * L flat tokens, H a multiple of Hkv -> the output of
+    every query slot, (W * Sq, H, Dh)."""
     gather = lambda t, index: t[index].transpose(1, 2)  # (N, h, Dh) -> (w, h, S, Dh)
-    for piece in pieces(len(windows.queries), max(1, PIECE_TOKENS // windows.queries.shape[1])):
-        queries, keys, writes = windows.queries[piece], windows.keys[piece], windows.writes[piece]
+    piece_tokens = tuning(q.device).piece_tokens
+    per_piece = None if piece_tokens is None else max(1, piece_tokens // windows.queries.shape[1])
+    outputs = []
+    for piece in pieces(len(windows.queries), per_piece):
+        queries, keys = windows.queries[piece], windows.keys[piece]
         attended = F.scaled_dot_product_attention(gather(q, queries), gather(k, keys), gather(v, keys),
                                                   attn_mask=windows.mask[piece][:, None], enable_gqa=True)
-        out.index_copy_(0, queries[writes], attended.transpose(1, 2)[writes])  # in place: one window at a time
+        outputs.append(attended.transpose(1, 2).flatten(0, 1))
+    return torch.cat(outputs) if len(outputs) > 1 else outputs[0]  # (W * Sq, H, Dh)
 
 
-class LocalSwin(nn.Module):
+class LocalSwin(AttentionProjections):
     """Local-Swin: attention over neighbouring tokens only, linear in length for fixed windows.
 
     * Visual tokens attend within Swin windows over their own grid: 2D (rows, cols) windows over an
       image tile, 3D (frames, rows, cols) windows over a video; odd layers shift the windows by half.
     * Text tokens attend causally to the previous `text_window` tokens of any modality, so decoding
-      keeps a cache of text_window - 1 keys and values, not the whole context.
+      keeps a ring of text_window keys and values, not the whole context.
     The projections are the teacher's q/k/v/o (copied at conversion) and the teacher's rotary
     embedding is applied before windowing, so inside a window the relative positions are the teacher's.
     """
 
     def __init__(self, d_model: int, heads: int, kv_heads: int, head_dim: int, cfg: MixerConfig, shifted: bool):
-        super().__init__()
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        self.window = (cfg.window_frames, cfg.window_rows, cfg.window_cols)
+        super().__init__(d_model, heads, kv_heads, head_dim)
         self.text_window = cfg.text_window
         self.shifted = shifted
-        self.q_proj = nn.Linear(d_model, heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(d_model, kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(d_model, kv_heads * head_dim, bias=False)
-        self.o_proj = nn.Linear(heads * head_dim, d_model, bias=False)
 
-    def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x: (B, n, D) -> q (B, n, H, Dh), k and v (B, n, Hkv, Dh), RoPE on q and k."""
-        q = self.q_proj(x).unflatten(-1, (self.heads, self.head_dim))
-        k = self.k_proj(x).unflatten(-1, (self.kv_heads, self.head_dim))
-        v = self.v_proj(x).unflatten(-1, (self.kv_heads, self.head_dim))
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
-
-    def forward(self, x: Tensor, layout: TokenLayout, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, KVCache]:
-        """Full-sequence pass: x (B, L, D) -> (B, L, D) and the text window's cache."""
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], windows: LocalWindows) -> tuple[Tensor, KVCache]:
+        """Full-sequence pass: x (B, L, D) -> (B, L, D) and the text window's ring for decoding."""
         batch, length, _ = x.shape
-        q, k, v = (t.flatten(0, 1) for t in per_token(self._qkv, x, *rope))  # (B * L, h, Dh)
-        out = q.new_empty(batch * length, self.heads, self.head_dim)  # every token is written by one window
-        window_attention(q, k, v, layout.memo(("text", self.text_window), lambda: text_windows(layout, self.text_window)), out)
-        if layout.visual.any():
-            window_attention(q, k, v, layout.memo(("swin", self.window, self.shifted),
-                                                  lambda: swin_windows(layout, self.window, self.shifted)), out)
-        k, v = (t.unflatten(0, (batch, length)) for t in (k, v))
-        first = max(0, length - (self.text_window - 1))
-        cache = KVCache(k[:, first:].transpose(1, 2), v[:, first:].transpose(1, 2))  # (B, Hkv, <= text_window - 1, Dh)
-        return self.o_proj(out.unflatten(0, (batch, length)).flatten(2)), cache
+        q, k, v = (t.flatten(0, 1) for t in per_token(self.qkv, x, *rope))  # (B * L, h, Dh)
+        outputs = [window_attention(q, k, v, w) for w in (windows.text, windows.swin) if w is not None]
+        out = torch.cat(outputs)[windows.source]  # (B * L, H, Dh): each token's output, from the window that gives it
+        # the ring: position p in slot p mod W; the last W - 1 prompt tokens are in it (slots of
+        # positions before the prompt, p < 0, get any finite values: they stay masked until overwritten)
+        W = self.text_window
+        last = torch.arange(length - (W - 1), length, device=x.device)  # (W - 1,)
+        ring = [x.new_zeros(batch, self.num_kv_heads, W, self.head_dim).index_copy_(
+            2, last % W, t.unflatten(0, (batch, length))[:, last.clamp(min=0)].transpose(1, 2)) for t in (k, v)]
+        return self.o_proj(out.unflatten(0, (batch, length)).flatten(2)), KVCache(*ring)
 
-    def step(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache) -> tuple[Tensor, KVCache]:
-        """One new text token: x (B, 1, D) attends to the cached window and itself -> (B, 1, D), new cache."""
-        q, k, v = self._qkv(x, *rope)
-        k = torch.cat([cache.k, k.transpose(1, 2)], dim=2)  # (B, Hkv, <= text_window, Dh)
-        v = torch.cat([cache.v, v.transpose(1, 2)], dim=2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, enable_gqa=True)  # (B, H, 1, Dh)
-        first = max(0, k.shape[2] - (self.text_window - 1))
-        return self.o_proj(out.transpose(1, 2).flatten(2)), KVCache(k[:, :, first:], v[:, :, first:])
+    def step(self, x: Tensor, rope: tuple[Tensor, Tensor], position: Tensor, cache: KVCache) -> Tensor:
+        """One new text token at `position` ((1,) tensor): x (B, 1, D) attends to the ring and itself -> (B, 1, D)."""
+        q, k, v = self.qkv(x, *rope)
+        slot = position % self.text_window
+        cache.k.index_copy_(2, slot, k.transpose(1, 2))
+        cache.v.index_copy_(2, slot, v.transpose(1, 2))
+        filled = torch.arange(self.text_window, device=x.device) <= position  # all once position >= W - 1
+        return self.o_proj(cached_attention(q, cache, filled))
 
 
 # ----------------------------------------------------------------------------------------------
 # 4. M-MATE: the paper's dual-branch block that replaces each decoder self-attention
+
+
+@dataclass
+class PromptPlan:
+    """What the decoder layers need to know about a prompt, worked out once before them (TextModel.plan),
+    so that no layer computes anything from the prompt's content or waits on the host.
+
+    rope: (cos, sin), each (B, L, Dh); visual: (B, L) bool, or None when the prompt has no visual
+    token; windows: Local-Swin's, (unshifted, shifted), None for the teacher; new_tokens: how many
+    tokens the decoding caches leave room for after the prompt."""
+
+    rope: tuple[Tensor, Tensor]
+    visual: Tensor | None
+    windows: tuple[LocalWindows, LocalWindows] | None
+    new_tokens: int = 0
+
+    @classmethod
+    def build(cls, layout: TokenLayout, rope: tuple[Tensor, Tensor], mixer: MixerConfig | None,
+              new_tokens: int = 0) -> PromptPlan:
+        """The plan of a prompt for the teacher (mixer None) or a student with these M-MATE settings.
+        Here, once per prompt, the host may wait on the device (nonzero, unique, counts)."""
+        has_visual, has_text = bool(layout.visual.any()), not bool(layout.visual.all())
+        windows = None
+        if mixer is not None:
+            text = text_windows(layout, mixer.text_window) if has_text else None
+            shape = (mixer.window_frames, mixer.window_rows, mixer.window_cols)
+            windows = tuple(LocalWindows.build(layout, text, swin_windows(layout, shape, shifted) if has_visual else None)
+                            for shifted in (False, True))
+        return cls(rope, layout.visual if has_visual else None, windows, new_tokens)
 
 
 @dataclass
@@ -570,7 +693,8 @@ class MMATE(nn.Module):
         self.branches = cfg.branches
 
     @classmethod
-    def from_attention(cls, attn: nn.Module, d_model: int, cfg: MixerConfig, shifted: bool, eps: float = 1e-5) -> MMATE:
+    def from_attention(cls, attn: AttentionProjections, d_model: int, cfg: MixerConfig, shifted: bool,
+                       eps: float = 1e-5) -> MMATE:
         """Build an M-MATE layer from a (GQA) self-attention layer's q/k/v/o projections.
 
         Local-Swin takes q/k/v/o as they are. Flex-MA follows the attention-to-SSM mapping
@@ -603,27 +727,19 @@ class MMATE(nn.Module):
                 conv.bias.zero_()
         return layer
 
-    def forward(self, x: Tensor, layout: TokenLayout, rope: tuple[Tensor, Tensor],
-                cache: MMATECache | None = None) -> tuple[Tensor, MMATECache]:
-        """The mixer contract of the decoder: x (B, L, D) -> (B, L, D) and the cache.
+    def forward(self, x: Tensor, plan: PromptPlan) -> tuple[Tensor, MMATECache]:
+        """The mixer contract of the decoder, for the whole prompt: x (B, L, D) -> (B, L, D) and the decoding cache."""
+        flex, flex_cache = self.flex(x, plan.visual) if self.branches != "swin" else (None, None)
+        swin, swin_cache = (self.swin(x, plan.rope, plan.windows[self.swin.shifted]) if self.branches != "flex"
+                            else (None, None))
+        return self._mix(x, flex, swin), MMATECache(flex_cache, swin_cache)
 
-        With cache=None, x is the whole prompt. With a cache, x holds new text tokens, decoded one
-        at a time in O(1) each (Flex-MA's recurrent step, Local-Swin's window).
-        """
-        if cache is None:
-            flex, flex_cache = self.flex(x, layout.visual) if self.branches != "swin" else (None, None)
-            swin, swin_cache = self.swin(x, layout, rope) if self.branches != "flex" else (None, None)
-            return self._mix(x, flex, swin), MMATECache(flex_cache, swin_cache)
-        if layout.visual.any():
-            raise ValueError("M-MATE decodes text tokens only: pass images and video in the prompt (cache=None)")
-        outputs = []
-        for t in range(x.shape[1]):
-            x_t, rope_t = x[:, t:t + 1], (rope[0][:, t:t + 1], rope[1][:, t:t + 1])
-            flex, flex_cache = self.flex.step(x_t, cache.flex) if self.branches != "swin" else (None, None)
-            swin, swin_cache = self.swin.step(x_t, rope_t, cache.swin) if self.branches != "flex" else (None, None)
-            cache = MMATECache(flex_cache, swin_cache)
-            outputs.append(self._mix(x_t, flex, swin))
-        return torch.cat(outputs, dim=1), cache
+    def step(self, x: Tensor, rope: tuple[Tensor, Tensor], position: Tensor, cache: MMATECache) -> Tensor:
+        """One new text token, O(1) in the context: Flex-MA's recurrent step and Local-Swin's ring.
+        x (B, 1, D) at `position` ((1,) tensor) -> (B, 1, D); the cache is updated in place."""
+        flex = self.flex.step(x, cache.flex) if self.branches != "swin" else None
+        swin = self.swin.step(x, rope, position, cache.swin) if self.branches != "flex" else None
+        return self._mix(x, flex, swin)
 
     def _mix(self, x: Tensor, flex: Tensor | None, swin: Tensor | None) -> Tensor:
         if flex is None or swin is None:
@@ -756,6 +872,12 @@ class TextConfig:
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
 
 
+def mixer_config(d: dict) -> MixerConfig:
+    """A checkpoint's "linmu" entry. Checkpoints written before the SSD chunk length became a
+    device setting (Tuning) also hold "chunk_size", which no longer describes the model."""
+    return MixerConfig(**{k: v for k, v in d.items() if k != "chunk_size"})
+
+
 @dataclass
 class VLMConfig:
     """The whole model: vision and text sizes, the connector's scale_factor, the image placeholder token.
@@ -812,7 +934,7 @@ class VLMConfig:
                    tie_word_embeddings=d.get("tie_word_embeddings", cls.tie_word_embeddings),
                    model_type=model_type,
                    dtype=str(d.get("dtype") or d.get("torch_dtype") or cls.dtype),
-                   linmu=MixerConfig(**d["linmu"]) if d.get("linmu") is not None else None)
+                   linmu=mixer_config(d["linmu"]) if d.get("linmu") is not None else None)
 
     def to_hf_dict(self) -> dict:
         """The config.json transformers reads (5.x form), plus a "linmu" entry for a student."""
@@ -984,43 +1106,31 @@ class RotaryEmbedding(nn.Module):
         return angles.cos(), angles.sin()
 
 
-class Attention(nn.Module):
+class Attention(AttentionProjections):
     """The teacher's causal grouped-query self-attention with RoPE (the layer M-MATE replaces).
 
-    Mixer contract: y, cache = mixer(x, layout, rope, cache=None). At prefill (cache None) x holds
-    the whole prefix and the returned cache covers it; afterwards x holds only the new tokens,
-    which attend causally to the cached tokens and to each other.
+    Mixer contract, shared with M-MATE: y, cache = mixer(x, plan) reads the whole prompt;
+    y = mixer.step(x, rope, position, cache) reads one new token and updates the cache in place.
     """
 
     def __init__(self, cfg: TextConfig):
-        super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        super().__init__(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
 
-    def forward(self, x: Tensor, layout: TokenLayout, rope: tuple[Tensor, Tensor],
-                cache: KVCache | None = None) -> tuple[Tensor, KVCache]:
-        """x: (B, L, D); rope: (cos, sin) for layout.positions -> (y (B, L, D), cache over all T tokens)."""
+    def forward(self, x: Tensor, plan: PromptPlan) -> tuple[Tensor, KVCache]:
+        """x: (B, L, D) -> (y (B, L, D), the keys and values of all L tokens with room for plan.new_tokens more)."""
         b, length, _ = x.shape
-        cos, sin = rope
-        q = apply_rotary(self.q_proj(x).view(b, length, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(b, length, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(b, length, self.num_kv_heads, self.head_dim)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, Dh), (B, Hkv, L, Dh)
-        if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:
-            k, v = torch.cat((cache.k, k), dim=2), torch.cat((cache.v, v), dim=2)  # (B, Hkv, T, Dh)
-            total = k.shape[2]
-            # new token i sits at T - L + i and sees every key up to and including itself
-            mask = torch.ones(length, total, dtype=torch.bool, device=x.device).tril(total - length)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        y = y.transpose(1, 2).reshape(b, length, self.num_heads * self.head_dim)  # (B, L, H Dh)
-        return self.o_proj(y), KVCache(k, v)
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x, *plan.rope))  # (B, H, L, Dh), (B, Hkv, L, Dh)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        cache = KVCache(*(F.pad(t, (0, 0, 0, plan.new_tokens)) for t in (k, v)))  # (B, Hkv, L + new, Dh)
+        return self.o_proj(y.transpose(1, 2).flatten(2)), cache
+
+    def step(self, x: Tensor, rope: tuple[Tensor, Tensor], position: Tensor, cache: KVCache) -> Tensor:
+        """One new token at `position` ((1,) tensor): x (B, 1, D) -> (B, 1, D), its key and value written in place."""
+        q, k, v = self.qkv(x, *rope)
+        cache.k.index_copy_(2, position, k.transpose(1, 2))
+        cache.v.index_copy_(2, position, v.transpose(1, 2))
+        visible = torch.arange(cache.k.shape[2], device=x.device) <= position  # the slots written so far
+        return self.o_proj(cached_attention(q, cache, visible))
 
 
 class MLP(nn.Module):
@@ -1052,11 +1162,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, h: Tensor, layout: TokenLayout, rope: tuple[Tensor, Tensor],
-                cache=None) -> tuple[Tensor, object]:
-        """h: (B, L, D) residual stream -> (h, the mixer's cache)."""
-        y, cache = self.self_attn(per_token(self.input_layernorm, h), layout, rope, cache)
+    def forward(self, h: Tensor, plan: PromptPlan) -> tuple[Tensor, object]:
+        """h: (B, L, D) residual stream of the whole prompt -> (h, the mixer's decoding cache)."""
+        y, cache = self.self_attn(per_token(self.input_layernorm, h), plan)
         return per_token(self._feed_forward, h, y), cache
+
+    def step(self, h: Tensor, rope: tuple[Tensor, Tensor], position: Tensor, cache) -> Tensor:
+        """One new token: h (B, 1, D) -> (B, 1, D), the mixer's cache updated in place."""
+        return self._feed_forward(h, self.self_attn.step(self.input_layernorm(h), rope, position, cache))
 
     def _feed_forward(self, h: Tensor, y: Tensor) -> Tensor:
         """The rest of the layer, token by token: the mixer's output y joins the residual stream h, then the MLP."""
@@ -1077,29 +1190,43 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, linmu, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.mixer = linmu
         self.gradient_checkpointing = False
 
-    def forward(self, inputs_embeds: Tensor, layout: TokenLayout, caches: list | None = None,
+    def plan(self, layout: TokenLayout, dtype: torch.dtype, new_tokens: int = 0) -> PromptPlan:
+        """Everything the layers need from the prompt's layout, computed once before them."""
+        rope = tuple(t.to(dtype) for t in self.rotary(layout.positions))
+        return PromptPlan.build(layout, rope, self.mixer, new_tokens)
+
+    def forward(self, inputs_embeds: Tensor, layout: TokenLayout, new_tokens: int = 0,
                 output_hidden_states: bool = False) -> tuple[Tensor, list, list[Tensor] | None]:
-        """inputs_embeds: (B, L, D) -> (final-normed hidden (B, L, D), one cache per layer, hidden states).
+        """inputs_embeds: (B, L, D), the whole prompt -> (final-normed hidden (B, L, D), one decoding
+        cache per layer with room for new_tokens more tokens, hidden states).
 
         The hidden states (if asked) are the embeddings then the residual stream after each layer
         (num_layers + 1 tensors, all before the final norm; transformers' last entry is after it).
         """
         h = inputs_embeds
-        rope = tuple(t.to(h.dtype) for t in self.rotary(layout.positions))
-        caches = caches if caches is not None else [None] * len(self.layers)
+        plan = self.plan(layout, h.dtype, new_tokens)
         hidden_states = [h] if output_hidden_states else None
-        new_caches = []
-        for layer, cache in zip(self.layers, caches):
+        caches = []
+        for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                h, cache = torch.utils.checkpoint.checkpoint(layer, h, layout, rope, cache, use_reentrant=False)
+                h, cache = torch.utils.checkpoint.checkpoint(layer, h, plan, use_reentrant=False)
             else:
-                h, cache = layer(h, layout, rope, cache)
-            new_caches.append(cache)
+                h, cache = layer(h, plan)
+            caches.append(cache)
             if output_hidden_states:
                 hidden_states.append(h)
-        return self.norm(h), new_caches, hidden_states
+        return self.norm(h), caches, hidden_states
+
+    def step(self, h: Tensor, position: Tensor, caches: list) -> Tensor:
+        """One new token per sequence, all at `position` ((1,) long tensor): h (B, 1, D) -> final-normed (B, 1, D).
+        Fixed shapes and no host synchronisation; the caches are updated in place."""
+        rope = tuple(t.to(h.dtype) for t in self.rotary(position.expand(h.shape[0], 1)))
+        for layer, cache in zip(self.layers, caches):
+            h = layer.step(h, rope, position, cache)
+        return self.norm(h)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1108,7 +1235,7 @@ class TextModel(nn.Module):
 
 @dataclass
 class VLMOutput:
-    """logits: (B, L, V); caches: one per decoder layer; hidden_states: see TextModel.forward."""
+    """logits: (B, L, V); caches: one decoding cache per decoder layer; hidden_states: see TextModel.forward."""
 
     logits: Tensor
     caches: list
@@ -1179,15 +1306,23 @@ class VLM(nn.Module):
         return grids
 
     def forward(self, input_ids: Tensor, pixel_values: Tensor | None = None, pixel_attention_mask: Tensor | None = None,
-                grids: list[list[tuple[int, int, int]]] | None = None, caches: list | None = None, start: int = 0,
+                grids: list[list[tuple[int, int, int]]] | None = None, new_tokens: int = 0,
                 output_hidden_states: bool = False) -> VLMOutput:
-        """input_ids: (B, L) starting at position `start` (the cached prefix length when decoding with caches)."""
+        """A whole prompt, input_ids (B, L) -> logits (B, L, V) and decoding caches with room for new_tokens more."""
         features = self.encode_images(pixel_values, pixel_attention_mask) if pixel_values is not None else None
         h = self.embed(input_ids, features)
         grids = grids if grids is not None else self.default_grids(input_ids)
-        layout = TokenLayout.build(input_ids, self.config.image_token_id, grids, start)
-        h, caches, hidden_states = self.model.text_model(h, layout, caches, output_hidden_states)
+        layout = TokenLayout.build(input_ids, self.config.image_token_id, grids)
+        h, caches, hidden_states = self.model.text_model(h, layout, new_tokens, output_hidden_states)
         return VLMOutput(self.lm_head(h), caches, hidden_states)
+
+    def step(self, token: Tensor, position: Tensor, caches: list) -> Tensor:
+        """One decoding step: text tokens (B,) at `position` ((1,) long tensor, the same for every
+        sequence) -> next-token logits (B, V). The caches, from forward(..., new_tokens=N), are
+        updated in place; the shapes are fixed and nothing waits on the host, so a step can be
+        recorded as a CUDA graph (see decoder)."""
+        h = self.model.text_model.embed_tokens(token[:, None])  # (B, 1, D)
+        return self.lm_head(self.model.text_model.step(h, position, caches))[:, 0]
 
 
 def convert_to_linmu(teacher: VLM, mixer: MixerConfig | None = None) -> VLM:
@@ -1198,6 +1333,7 @@ def convert_to_linmu(teacher: VLM, mixer: MixerConfig | None = None) -> VLM:
     student = copy.deepcopy(teacher)
     student.config = replace(teacher.config, linmu=mixer)
     text = teacher.config.text
+    student.model.text_model.mixer = mixer
     for i, layer in enumerate(student.model.text_model.layers):
         layer.self_attn = MMATE.from_attention(layer.self_attn, text.hidden_size, mixer, shifted=i % 2 == 1,
                                                eps=text.rms_norm_eps)
@@ -1221,6 +1357,63 @@ def next_token(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0,
     return order.gather(-1, choice).squeeze(-1)
 
 
+class CUDAGraphStep:
+    """A decoding step (token, position) -> logits recorded once as a CUDA graph, then replayed.
+
+    A decoding step is hundreds of small kernels; launched one by one from Python, the GPU waits
+    on the host for each. The fixed-size caches (written in place) and the position as a tensor
+    make the step a function of fixed buffers, which a CUDA graph replays with one launch.
+
+    Why torch.cuda.CUDAGraph and not torch.compile(mode="reduce-overhead"): the graph records the
+    very code that runs eagerly (compiled or not: see compile_model), it is a dozen lines to read,
+    and reduce-overhead declines to graph a function that writes into its inputs, which is what
+    a decoding step does to its caches.
+
+    The first call runs the step for real on a side stream (so that cuBLAS and the allocator set
+    up their workspaces outside the capture), then records the graph without running it. Every
+    call returns the same logits buffer, overwritten by the next call.
+    """
+
+    def __init__(self, step):
+        self.step = step
+        self.graph = None
+
+    def __call__(self, token: Tensor, position: Tensor) -> Tensor:
+        if self.graph is not None:
+            self.token.copy_(token)
+            self.position.copy_(position)
+            self.graph.replay()
+            return self.logits
+        self.token, self.position = token.clone(), position.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            logits = self.step(self.token, self.position)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self.step(self.token, self.position)
+        return logits
+
+
+def decoder(model: VLM, caches: list):
+    """model.step on these caches as a function (token (B,), position (1,)) -> logits (B, V):
+    eager on the CPU (the reference), a CUDA graph on CUDA."""
+    step = lambda token, position: model.step(token, position, caches)
+    return CUDAGraphStep(step) if next(model.parameters()).device.type == "cuda" else step
+
+
+def compile_model(model: VLM) -> None:
+    """torch.compile what runs most: every vision and decoder layer, and the decoding step.
+
+    Each is compiled whole (fullgraph: a graph break is an error) with dynamic shapes, so one
+    compilation serves prompts of every length: a layer reads only tensors and the PromptPlan,
+    and never waits on the host."""
+    for layer in [*model.model.vision_model.encoder.layers, *model.model.text_model.layers]:
+        layer.compile(fullgraph=True, dynamic=True)
+    model.step = torch.compile(model.step, fullgraph=True, dynamic=True)
+
+
 @torch.no_grad()
 def generate(model: VLM, input_ids: Tensor, pixel_values: Tensor | None = None,
              pixel_attention_mask: Tensor | None = None, grids: list | None = None, max_new_tokens: int = 64,
@@ -1229,21 +1422,26 @@ def generate(model: VLM, input_ids: Tensor, pixel_values: Tensor | None = None,
     """Continue a batch of equal-length prompts (no padding) -> new token ids (B, <= max_new_tokens).
 
     The prompt, images and video included, is read once (prefill); each new token is then one step
-    on the caches: the teacher's KV cache grows with the context, the LinMU student's Flex-MA state
-    and Local-Swin window do not. Sequences that produced eos_token_id keep producing it until all have.
+    on the caches (a CUDA graph on CUDA): the teacher's KV cache, allocated for the prompt and the
+    new tokens, the LinMU student's Flex-MA state and Local-Swin ring, whose size does not depend
+    on the context. Sequences that produced eos_token_id keep producing it until all have.
     """
-    out = model(input_ids, pixel_values, pixel_attention_mask, grids)
+    out = model(input_ids, pixel_values, pixel_attention_mask, grids, new_tokens=max_new_tokens)
+    step = decoder(model, out.caches)
+    position = torch.tensor([input_ids.shape[1]], device=input_ids.device)
+    logits = out.logits[:, -1]
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     tokens = []
-    for step in range(max_new_tokens):
-        token = next_token(out.logits[:, -1], temperature, top_p, generator)
+    for i in range(max_new_tokens):
+        token = next_token(logits, temperature, top_p, generator)
         if eos_token_id is not None:
             token = token.masked_fill(finished, eos_token_id)
             finished |= token == eos_token_id
         tokens.append(token)
-        if finished.all() or step == max_new_tokens - 1:
+        if i + 1 == max_new_tokens or (eos_token_id is not None and finished.all()):  # waits on the device
             break
-        out = model(token[:, None], caches=out.caches, start=input_ids.shape[1] + step)
+        logits = step(token, position)
+        position += 1
     return torch.stack(tokens, dim=1)
 
 

@@ -21,9 +21,14 @@ import toy
 import processing as P
 
 ROOT = Path(__file__).parent
-from linmu import (VLM, FlexMA, KVCache, LocalSwin, LoRALinear, MixerConfig, MMATE, TextConfig, TokenLayout,
-                   VisionConfig, VLMConfig, add_lora, load_model, merge_lora, resolve_checkpoint, save_model, ssd_scan,
-                   trainable_parameters)
+from linmu import (VLM, FlexMA, KVCache, LocalSwin, LoRALinear, MixerConfig, MMATE, PromptPlan, TextConfig,
+                   TokenLayout, Tuning, VisionConfig, VLMConfig, add_lora, load_model, merge_lora, resolve_checkpoint,
+                   save_model, ssd_scan, trainable_parameters)
+
+
+def set_tuning(monkeypatch, piece_tokens, chunk_size):
+    """This machine's Tuning for the test: pieces of piece_tokens (None: the whole prompt, as on a GPU), SSD chunks."""
+    monkeypatch.setitem(linmu.TUNING, "cpu", Tuning(piece_tokens, chunk_size))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,6 +153,28 @@ def test_ssd_scan_long_sequence_with_strong_decay_stays_finite_and_exact():
     assert torch.isfinite(y).all() and (y - ref).abs().max() <= 1e-10 * ref.abs().max()
 
 
+@pytest.mark.parametrize("chunks", sorted({1, linmu.CHUNKS_PER_BLOCK - 1, linmu.CHUNKS_PER_BLOCK,
+                                            linmu.CHUNKS_PER_BLOCK + 1, 63, 64, 65, 1003}))
+def test_ssd_scan_carries_the_state_exactly_within_and_across_blocks_of_chunks(chunks):
+    """Step 3 works in two levels (blocks of CHUNKS_PER_BLOCK chunks, then across blocks): lengths on
+    either side of the block boundaries and over 1,000 chunks, a partial last chunk, a carried-in state."""
+    length = max(1, 2 * chunks - 1)  # chunks of 2 tokens
+    x, dt, A, B, C, h0 = random_scan_inputs(1, length, 2, 2, 1, 3, torch.float64, seed=chunks)
+    y, final = ssd_scan(x, dt * 0.2, A, B, C, 2, h0)  # a slow decay: the carried-in state reaches far
+    ref_y, ref_final = naive_ssm(x, dt * 0.2, A, B, C, h0)
+    assert (y - ref_y).abs().max() <= 1e-10 * ref_y.abs().max()
+    assert (final - ref_final).abs().max() <= 1e-10 * ref_final.abs().max()
+
+
+def test_ssd_scan_of_a_million_bf16_tokens_stays_finite():
+    g = torch.Generator().manual_seed(0)
+    length = 1 << 20
+    x, B, C = (torch.randn(1, length, 1, 4, generator=g).bfloat16() for _ in range(3))
+    dt = torch.rand(1, length, 1, generator=g).bfloat16()
+    y, final = ssd_scan(x, dt, torch.tensor([-0.01]), B, C, 64)
+    assert torch.isfinite(y).all() and torch.isfinite(final).all() and y.abs().max() > 0
+
+
 def test_ssd_scan_bf16_accumulates_in_float32():
     x, dt, A, B, C, _ = random_scan_inputs(1, 200, 2, 4, 1, 4, torch.float32)
     y, final = ssd_scan(x.bfloat16(), dt.bfloat16(), A, B.bfloat16(), C.bfloat16(), 32)
@@ -208,9 +235,15 @@ def flex_reference(flex, u, visual):
     return g.flatten(2) @ flex.out_proj.weight.T
 
 
-def tiny_flex(seed=0, chunk=4):
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """SSD chunks of 4 tokens, so that the tiny sequences below span several chunks."""
+    set_tuning(monkeypatch, 2048, 4)
+
+
+def tiny_flex(seed=0):
     torch.manual_seed(seed)
-    flex = FlexMA(d_model=12, heads=2, head_dim=3, cfg=MixerConfig(chunk_size=chunk, conv_kernel=3)).double()
+    flex = FlexMA(d_model=12, heads=2, head_dim=3, cfg=MixerConfig(conv_kernel=3)).double()
     with torch.no_grad():  # move every parameter off its special initial value
         for p in flex.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -220,16 +253,16 @@ def tiny_flex(seed=0, chunk=4):
 VISUAL = torch.tensor([[0, 1, 1, 1, 0, 0, 1, 1, 1, 1, 0, 1, 0, 0, 0]], dtype=torch.bool)
 
 
-@pytest.mark.parametrize("piece", [2048, 6, 4])  # one piece; pieces that split chunks and conv windows
+@pytest.mark.parametrize("piece", [None, 6, 4])  # one piece; pieces that split chunks and conv windows
 def test_flex_ma_matches_its_definition(piece, monkeypatch):
-    monkeypatch.setattr(linmu, "PIECE_TOKENS", piece)
+    set_tuning(monkeypatch, piece, 4)
     flex = tiny_flex()
     u = torch.randn(1, VISUAL.shape[1], 12, dtype=torch.float64)
     out, _ = flex(u, VISUAL)
     assert torch.allclose(out, flex_reference(flex, u, VISUAL), rtol=0, atol=1e-10)
 
 
-def test_flex_ma_text_is_causal_and_visual_is_bidirectional():
+def test_flex_ma_text_is_causal_and_visual_is_bidirectional(small_chunks):
     flex = tiny_flex()
     u = torch.randn(1, VISUAL.shape[1], 12, dtype=torch.float64)
     base, _ = flex(u, VISUAL)
@@ -246,7 +279,7 @@ def test_flex_ma_text_is_causal_and_visual_is_bidirectional():
         assert moved[changed:].any()
 
 
-def test_flex_ma_prefill_then_steps_equals_full_pass():
+def test_flex_ma_prefill_then_steps_equals_full_pass(small_chunks):
     flex = tiny_flex()
     visual = torch.cat([VISUAL, torch.zeros(1, 6, dtype=torch.bool)], 1)
     u = torch.randn(2, visual.shape[1], 12, dtype=torch.float64)
@@ -255,8 +288,7 @@ def test_flex_ma_prefill_then_steps_equals_full_pass():
     out, cache = flex(u[:, :prompt], VISUAL.expand(2, -1))
     steps = [out]
     for t in range(prompt, visual.shape[1]):
-        out, cache = flex.step(u[:, t:t + 1], cache)
-        steps.append(out)
+        steps.append(flex.step(u[:, t:t + 1], cache))  # the cache is updated in place
     assert torch.allclose(torch.cat(steps, 1), full, rtol=0, atol=1e-10)
     assert torch.allclose(cache.ssm, final.ssm.double(), rtol=0, atol=1e-10)
 
@@ -282,9 +314,15 @@ def layout_of(visual, grids, batch=1):
     return TokenLayout.build(ids, 1, [grids] * batch)
 
 
+def plan_of(layout, cfg, head_dim, dtype=torch.float32, new_tokens=0):
+    """The PromptPlan of a layout for M-MATE settings cfg, with RoPE tables computed independently."""
+    rope = tuple(t.to(dtype) for t in rope_tables(layout.positions, head_dim))
+    return PromptPlan.build(layout, rope, cfg, new_tokens)
+
+
 def dense_swin_reference(swin, x, layout, mask):
     """Full (L, L) attention with an explicit boolean mask, with the layer's own weights."""
-    H, Hkv, Dh = swin.heads, swin.kv_heads, swin.head_dim
+    H, Hkv, Dh = swin.num_heads, swin.num_kv_heads, swin.head_dim
     cos, sin = rope_tables(layout.positions, Dh)
     q = linmu.apply_rotary((x @ swin.q_proj.weight.T).unflatten(-1, (H, Dh)), cos, sin).transpose(1, 2)
     k = linmu.apply_rotary((x @ swin.k_proj.weight.T).unflatten(-1, (Hkv, Dh)), cos, sin).transpose(1, 2)
@@ -306,36 +344,38 @@ SWIN_CASES = {
 
 @pytest.mark.parametrize("case", SWIN_CASES)
 @pytest.mark.parametrize("shifted", [False, True])
-@pytest.mark.parametrize("piece", [2048, 16])  # all windows at once; a window or two at a time
+@pytest.mark.parametrize("piece", [None, 16])  # all windows at once; a window or two at a time
 @pytest.mark.parametrize("text_window", [7, 21])  # text blocks of 7 queries; of linmu.TEXT_BLOCK = 16
 def test_local_swin_matches_dense_masked_attention(case, shifted, piece, text_window, monkeypatch):
-    monkeypatch.setattr(linmu, "PIECE_TOKENS", piece)
+    set_tuning(monkeypatch, piece, 4)
     torch.manual_seed(0)
     cfg = MixerConfig(window_frames=2, window_rows=4, window_cols=4, text_window=text_window)
     swin = LocalSwin(d_model=16, heads=4, kv_heads=2, head_dim=4, cfg=cfg, shifted=shifted)
     visual, grids = make_sequence(SWIN_CASES[case])
     layout = layout_of(visual, grids, batch=2)
     x = torch.randn(2, len(visual), 16)
-    out, _ = swin(x, layout, rope_tables(layout.positions, 4))
+    plan = plan_of(layout, cfg, 4)
+    out, _ = swin(x, plan.rope, plan.windows[shifted])
     mask = dense_local_mask(visual.tolist(), grids, (2, 4, 4), text_window, shifted)
     assert torch.allclose(out, dense_swin_reference(swin, x, layout, mask), rtol=0, atol=1e-5)
 
 
-def test_local_swin_decoding_keeps_a_fixed_window():
+@pytest.mark.parametrize("prompt_text", [2, 0])  # the ring starts full; it starts with fewer tokens than its slots
+def test_local_swin_decoding_keeps_a_ring_of_its_window(prompt_text):
     torch.manual_seed(0)
     cfg = MixerConfig(text_window=5)
     swin = LocalSwin(d_model=16, heads=4, kv_heads=2, head_dim=4, cfg=cfg, shifted=True)
-    visual, grids = make_sequence([3, (2, 4, 4), 2, 12])
+    visual, grids = make_sequence([3, (2, 4, 4), prompt_text + 12] if prompt_text else [3, 12])
     prompt = len(visual) - 12
     layout = layout_of(visual, grids)
     x = torch.randn(1, len(visual), 16)
-    full, _ = swin(x, layout, rope_tables(layout.positions, 4))
-    out, cache = swin(x[:, :prompt], layout_of(visual[:prompt], grids), rope_tables(layout.positions[:, :prompt], 4))
+    full, _ = swin(x, *(lambda p: (p.rope, p.windows[True]))(plan_of(layout, cfg, 4)))
+    plan = plan_of(layout_of(visual[:prompt], grids), cfg, 4)
+    out, cache = swin(x[:, :prompt], plan.rope, plan.windows[True])
     steps = [out]
-    for t in range(prompt, len(visual)):
-        out, cache = swin.step(x[:, t:t + 1], rope_tables(layout.positions[:, t:t + 1], 4), cache)
-        assert cache.k.shape[2] == 4  # text_window - 1 entries, whatever the context length
-        steps.append(out)
+    for t in range(prompt, len(visual)):  # 12 steps: the ring of 5 slots wraps twice
+        steps.append(swin.step(x[:, t:t + 1], rope_tables(layout.positions[:, t:t + 1], 4), torch.tensor([t]), cache))
+        assert cache.k.shape[2] == 5  # text_window slots, whatever the context length
     assert torch.allclose(torch.cat(steps, 1), full, rtol=0, atol=1e-5)
 
 
@@ -344,9 +384,10 @@ def test_local_swin_decoding_keeps_a_fixed_window():
 
 
 @pytest.mark.parametrize("branches", ["both", "flex", "swin"])
-def test_mmate_prefill_then_decoding_equals_full_pass(branches):
+def test_mmate_prefill_then_decoding_equals_full_pass(branches, monkeypatch):
+    set_tuning(monkeypatch, 2048, 8)
     torch.manual_seed(0)
-    cfg = MixerConfig(chunk_size=8, text_window=6, branches=branches)
+    cfg = MixerConfig(text_window=6, branches=branches)
     layer = MMATE(d_model=16, heads=4, kv_heads=2, head_dim=4, cfg=cfg, shifted=True).double()
     with torch.no_grad():
         layer.gate.weight.normal_()  # a gate that really varies per token
@@ -354,41 +395,107 @@ def test_mmate_prefill_then_decoding_equals_full_pass(branches):
     prompt = len(visual) - 9
     layout = layout_of(visual, grids, batch=2)
     x = torch.randn(2, len(visual), 16, dtype=torch.float64)
-    rope = lambda a, b: tuple(t.double() for t in rope_tables(layout.positions[:, a:b], 4))
-    full, _ = layer(x, layout, rope(0, None))
-    out, cache = layer(x[:, :prompt], layout_of(visual[:prompt], grids, batch=2), rope(0, prompt))
-    new, _ = layer(x[:, prompt:], TokenLayout.text(2, 9, start=prompt), rope(prompt, None), cache)
-    assert torch.allclose(torch.cat([out, new], 1), full, rtol=0, atol=1e-10)
+    full, _ = layer(x, plan_of(layout, cfg, 4, torch.float64))
+    out, cache = layer(x[:, :prompt], plan_of(layout_of(visual[:prompt], grids, batch=2), cfg, 4, torch.float64))
+    steps = [out]
+    for t in range(prompt, len(visual)):
+        rope = tuple(r.double() for r in rope_tables(layout.positions[:, t:t + 1], 4))
+        steps.append(layer.step(x[:, t:t + 1], rope, torch.tensor([t]), cache))
+    assert torch.allclose(torch.cat(steps, 1), full, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("piece", [2048, 5])
+@pytest.mark.parametrize("piece", [None, 5])
 def test_mmate_mixes_its_branches_with_a_per_token_sigmoid_gate(piece, monkeypatch):
-    monkeypatch.setattr(linmu, "PIECE_TOKENS", piece)
+    set_tuning(monkeypatch, piece, 4)
     torch.manual_seed(0)
-    layer = MMATE(d_model=16, heads=4, kv_heads=2, head_dim=4, cfg=MixerConfig(chunk_size=4, text_window=6),
-                  shifted=False).double()
+    cfg = MixerConfig(text_window=6)
+    layer = MMATE(d_model=16, heads=4, kv_heads=2, head_dim=4, cfg=cfg, shifted=False).double()
     with torch.no_grad():
         layer.gate.weight.normal_()
         layer.gate.bias.fill_(0.3)
     visual, grids = make_sequence([3, (2, 2, 2), 4])
     layout = layout_of(visual, grids)
     x = torch.randn(1, len(visual), 16, dtype=torch.float64)
-    rope = tuple(t.double() for t in rope_tables(layout.positions, 4))
-    out, _ = layer(x, layout, rope)
+    plan = plan_of(layout, cfg, 4, torch.float64)
+    out, _ = layer(x, plan)
     g = 1 / (1 + torch.exp(-(x @ layer.gate.weight.T + layer.gate.bias)))  # (1, L, 1), written out by hand
-    flex, swin = layer.flex(x, layout.visual)[0], layer.swin(x, layout, rope)[0]  # each tested on its own above
+    flex, swin = layer.flex(x, layout.visual)[0], layer.swin(x, plan.rope, plan.windows[False])[0]  # each tested above
     assert g.std() > 0.1  # the gate really differs between tokens
     assert torch.allclose(out, g * flex + (1 - g) * swin, rtol=0, atol=1e-12)
 
 
-def test_mmate_refuses_to_decode_visual_tokens():
-    layer = MMATE(d_model=16, heads=4, kv_heads=2, head_dim=4, cfg=MixerConfig(), shifted=False)
-    visual, grids = make_sequence([2, (1, 2, 2)])
-    layout = layout_of(visual, grids)
-    rope = rope_tables(layout.positions, 4)
-    _, cache = layer(torch.randn(1, 6, 16), layout, rope)
-    with pytest.raises(ValueError, match="decodes text tokens only"):
-        layer(torch.randn(1, 6, 16), layout, rope, cache)
+class TorchCalls(torch.overrides.TorchFunctionMode):
+    """Counts the torch functions and tensor methods called: on a GPU each is a kernel launch or more."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def video_prompt(frames, batch=1):
+    """A prompt shaped like SmolVLM2's for a video of 4 x 4-token frames: text, each frame after a marker, a question."""
+    return make_sequence([6] + [p for _ in range(frames) for p in (3, (1, 4, 4))] + [5])
+
+
+def count_calls(fn) -> int:
+    with TorchCalls() as calls, torch.no_grad():
+        fn()
+    return calls.count
+
+
+def tiny_student_text_model():
+    torch.manual_seed(0)
+    text = TextConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2)
+    return linmu.TextModel(text, MixerConfig(text_window=16))
+
+
+@pytest.mark.parametrize("piece", [None, 256])  # the GPU's setting, whole prompts; pieces, as a CPU has
+def test_prefill_calls_a_fixed_number_of_torch_operations_whatever_the_length(piece, monkeypatch):
+    """On a GPU every call is a launch: a layer whose number of calls grows with the prompt is launch-bound."""
+    set_tuning(monkeypatch, piece, 16)
+    model = tiny_student_text_model().eval()
+    layer = model.layers[1]
+    counts = {}
+    for frames in (16, 128):  # 315 and 2,443 tokens
+        visual, grids = video_prompt(frames)
+        layout = layout_of(visual, grids)
+        h = torch.randn(1, len(visual), 32)
+        plan = model.plan(layout, h.dtype)
+        counts[frames] = count_calls(lambda: layer(h, plan)), count_calls(lambda: model(h, layout))
+    (layer_short, decoder_short), (layer_long, decoder_long) = counts[16], counts[128]
+    if piece is None:
+        assert layer_long == layer_short, counts  # one M-MATE decoder layer
+        assert abs(decoder_long - decoder_short) <= 4, counts  # the whole decoder, its prompt plan included
+    else:  # the counter sees a loop over pieces: this test would catch one on the GPU path
+        assert layer_long > 4 * layer_short, counts
+
+
+def test_decoder_layers_compile_whole_and_serve_every_prompt_length(monkeypatch):
+    """fullgraph: no graph break (nothing waits on the host); dynamic: three lengths, one compilation."""
+    set_tuning(monkeypatch, None, 16)
+    torch._dynamo.reset()
+    student = tiny_student_text_model().eval()
+    teacher = linmu.TextModel(TextConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    for model in (student, teacher):  # the graph capture is tested here; inductor's code generation by bench.py
+        for layer in model.layers:
+            layer.compile(fullgraph=True, dynamic=True, backend="aot_eager")
+    with torch.no_grad():
+        for i, frames in enumerate((4, 7, 12)):  # 87, 144 (9 whole chunks) and 239 tokens
+            visual, grids = video_prompt(frames)
+            layout = layout_of(visual, grids)
+            h = torch.randn(1, len(visual), 32)
+            for model in (student, teacher):
+                eager = [layer.forward(h, model.plan(layout, h.dtype))[0] for layer in model.layers]  # not compiled
+                compiled = [layer(h, model.plan(layout, h.dtype))[0] for layer in model.layers]
+                assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(eager, compiled))
+            if i == 0:  # the first length compiled each layer's code; from now on a recompilation is an error
+                monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,7 +535,8 @@ def test_mmate_cost_grows_linearly_while_attention_grows_quadratically():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    layer = MMATE(d_model=32, heads=4, kv_heads=2, head_dim=8, cfg=MixerConfig(chunk_size=16, text_window=16), shifted=True)
+    cfg = MixerConfig(text_window=16)
+    layer = MMATE(d_model=32, heads=4, kv_heads=2, head_dim=8, cfg=cfg, shifted=True)
 
     def flops(fn):  # the math SDPA backend decomposes into matmuls, which the counter sees
         counter = FlopCounterMode(display=False)
@@ -439,7 +547,7 @@ def test_mmate_cost_grows_linearly_while_attention_grows_quadratically():
     def mixer_flops(frames):
         visual, grids = make_sequence([5, (frames, 8, 8), 40])
         layout = layout_of(visual, grids)
-        return flops(lambda: layer(torch.randn(1, len(visual), 32), layout, rope_tables(layout.positions, 8)))
+        return flops(lambda: layer(torch.randn(1, len(visual), 32), plan_of(layout, cfg, 8)))
 
     def attention_flops(length):
         q = torch.randn(1, 4, length, 8)
@@ -556,24 +664,6 @@ def test_padded_image_position_ids_match_transformers(tmp_path):
     assert (want - got).abs().max() < 1e-4
     ids_grid = ours.model.vision_model.embeddings.position_ids(torch.ones(1, valid, valid, dtype=torch.bool))
     assert ids_grid[0, 5 * valid] == 5 * side  # row 5 of 25 lands in bucket 5 (i / 25 would give 6)
-
-
-def test_cached_decoding_equals_full_forward(tiny):
-    _, ours, _ = tiny
-    ids = torch.stack([prompt(1, 16, tail=8, seed=5), prompt(1, 16, tail=8, seed=6)])
-    pixels = torch.randn(2, 1, 3, 64, 64)
-    with torch.no_grad():
-        full = ours(ids, pixels).logits
-        prefix = 22
-        out = ours(ids[:, :prefix], pixels)
-        assert isinstance(out.caches[0], KVCache) and out.caches[0].k.shape == (2, 2, prefix, 16)
-        assert (out.logits - full[:, :prefix]).abs().max() < 1e-4
-        pos, caches = prefix, out.caches
-        for step in (1, 1, 2, 1, 3):  # token by token, and chunks (causal inside a chunk)
-            out = ours(ids[:, pos:pos + step], caches=caches, start=pos)
-            assert (out.logits - full[:, pos:pos + step]).abs().max() < 1e-4
-            pos, caches = pos + step, out.caches
-        assert caches[0].k.shape[2] == pos == ids.shape[1]
 
 
 def test_tied_lm_head_loads_and_saves_once(tmp_path):
@@ -693,8 +783,10 @@ def test_config_parses_transformers_4_and_5_forms():
     assert "rope_theta" not in hf5["text_config"] and hf5["dtype"] == "bfloat16"
     assert VLMConfig.from_hf_dict(hf5) == c4
     check_256m(VLMConfig.from_hf_dict(json.loads((ROOT / "configs" / "smolvlm2-256m.json").read_text())))
-    student = VLMConfig.from_hf_dict({**hf5, "linmu": {"chunk_size": 32, "branches": "flex"}})
-    assert student.linmu == MixerConfig(chunk_size=32, branches="flex")
+    student = VLMConfig.from_hf_dict({**hf5, "linmu": {"text_window": 32, "branches": "flex"}})
+    assert student.linmu == MixerConfig(text_window=32, branches="flex")
+    older = VLMConfig.from_hf_dict({**hf5, "linmu": {"chunk_size": 64, "branches": "flex"}})  # now a device setting
+    assert older.linmu == MixerConfig(branches="flex")
     assert VLMConfig.from_hf_dict(student.to_hf_dict()) == student
 
 
@@ -816,23 +908,68 @@ def test_fresh_student_equals_teacher_where_the_initialization_is_exact(tiny_hub
         assert not torch.allclose(student(longer).logits[:, 40:], teacher(longer).logits[:, 40:], atol=1e-3)
 
 
-def test_student_decoding_equals_full_forward(tiny_hub):
-    student = linmu.convert_to_linmu(load_model(tiny_hub), MixerConfig(text_window=8, chunk_size=16))
+def decoding_models(tiny_hub):
+    """The tiny teacher and its student (text window 8, gates that differ per token), in float64:
+    the comparisons below are of logic, not of rounding."""
+    teacher = load_model(tiny_hub, dtype=torch.float64)
+    student = linmu.convert_to_linmu(teacher, MixerConfig(text_window=8))
     for layer in student.model.text_model.layers:
         torch.nn.init.normal_(layer.self_attn.gate.weight)  # make the per-token gate matter
+    return {"teacher": teacher, "student": student}
+
+
+@pytest.mark.parametrize("kind", ["teacher", "student"])
+def test_static_cache_decoding_equals_the_full_forward_for_32_steps(tiny_hub, kind, monkeypatch):
+    set_tuning(monkeypatch, 2048, 16)
+    model = decoding_models(tiny_hub)[kind]
     batch = image_batch(tiny_hub)
-    ids, pixels, grids = batch["input_ids"], batch["pixel_values"], batch["grids"]
-    new = linmu.generate(student, ids, pixels, grids=grids, max_new_tokens=12)
-    assert new.shape == (1, 12)
+    ids, pixels, grids = batch["input_ids"], batch["pixel_values"].double(), batch["grids"]
+    new = linmu.generate(model, ids, pixels, grids=grids, max_new_tokens=32)
     with torch.no_grad():
-        full = student(torch.cat([ids, new], 1), pixels, grids=grids).logits
-        out = student(ids, pixels, grids=grids)
-        stepwise = [out.logits[:, -1]]
-        for i in range(11):
-            out = student(new[:, i:i + 1], caches=out.caches, start=ids.shape[1] + i)
-            stepwise.append(out.logits[:, -1])
-    assert torch.allclose(torch.stack(stepwise, 1), full[:, ids.shape[1] - 1:-1], rtol=0, atol=1e-4)
-    assert torch.equal(full[:, ids.shape[1] - 1:-1].argmax(-1), new)  # greedy decoding picked these tokens
+        full = model(torch.cat([ids, new], 1), pixels, grids=grids).logits[:, ids.shape[1] - 1:-1]  # no caches at all
+        out = model(ids, pixels, grids=grids, new_tokens=32)
+        logits, position = [out.logits[:, -1]], torch.tensor([ids.shape[1]])
+        for token in new[0, :-1]:  # 31 steps; the context (> 40 tokens) wraps Local-Swin's ring of 8 four times
+            logits.append(model.step(token[None], position, out.caches))
+            position += 1
+    assert torch.equal(full.argmax(-1), new)  # generate chose the greedy tokens of the full pass
+    assert (torch.stack(logits, 1) - full).abs().max() < 1e-5
+    if kind == "teacher":  # allocated once at prefill, for the prompt and the 32 new tokens
+        assert all(c.k.shape[2] == c.v.shape[2] == ids.shape[1] + 32 for c in out.caches)
+    else:  # the ring of the text window, whatever the context
+        assert all(c.swin.k.shape[2] == c.swin.v.shape[2] == 8 for c in out.caches)
+
+
+def test_a_whole_decoding_step_compiles_once_for_every_step_and_context(tiny_hub, monkeypatch):
+    """VLM.step has fixed shapes and no host synchronisation: it compiles whole, and neither the
+    next position nor a longer context (a larger teacher cache) compiles it again."""
+    torch._dynamo.reset()
+    for model in decoding_models(tiny_hub).values():
+        monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", False)  # the first call compiles
+        step = torch.compile(model.step, fullgraph=True, dynamic=True, backend="aot_eager")
+        for length in (20, 33):
+            ids = torch.randint(0, 250, (2, length), generator=torch.Generator().manual_seed(length))
+            with torch.no_grad():
+                out = model(ids, new_tokens=16)
+                reference = model(ids, new_tokens=16).caches  # the same caches, stepped eagerly
+                token, position = out.logits[:, -1].argmax(-1), torch.tensor([length])
+                for _ in range(16):
+                    logits = step(token, position, out.caches)
+                    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # any further compile fails
+                    assert torch.allclose(logits, model.step(token, position, reference), rtol=0, atol=1e-10)
+                    token, position = logits.argmax(-1), position + 1
+
+
+def test_generation_stops_every_sequence_at_its_end_token(tiny_hub):
+    model = decoding_models(tiny_hub)["teacher"]
+    ids = torch.randint(0, 250, (2, 12), generator=torch.Generator().manual_seed(0))
+    free = linmu.generate(model, ids, max_new_tokens=8)
+    end = int(free[0, 2])  # the first sequence's third token ends it
+    stopped = linmu.generate(model, ids, max_new_tokens=8, eos_token_id=end)
+    stops = [int((row == end).nonzero()[0]) + 1 if (row == end).any() else 8 for row in free]  # tokens up to the end
+    assert stops[0] <= 3 and stopped.shape[1] == max(stops)
+    for row, free_row, stop in zip(stopped, free, stops):
+        assert torch.equal(row[:stop], free_row[:stop]) and (row[stop:] == end).all()
 
 
 def test_generation_command_line_runs_on_teacher_and_student(tiny_hub, tmp_path, capsys):
@@ -1124,7 +1261,7 @@ def pair(tiny_hub):
 
 def fresh_student(teacher):
     torch.manual_seed(0)
-    return linmu.convert_to_linmu(teacher, MixerConfig(text_window=16, chunk_size=16))
+    return linmu.convert_to_linmu(teacher, MixerConfig(text_window=16))
 
 
 STAGE_TRAINS = {  # parameter-name fragments each stage must train, and only those
@@ -1314,6 +1451,23 @@ def test_bench_runs_its_smallest_configuration_end_to_end(bench_config, tmp_path
     assert long["linmu"]["cache_mib"] == short["linmu"]["cache_mib"]  # LinMU's state does not
 
 
+def test_bench_writes_its_json_after_every_row(bench_config, tmp_path, monkeypatch, capsys):
+    """An interrupted run still leaves every row measured so far: the file is rewritten after each."""
+    out, written, write = tmp_path / "bench.json", [], bench.write_json
+
+    def write_and_read_back(path, payload):
+        write(path, payload)
+        on_disk = json.loads(Path(path).read_text())
+        written.append((len(on_disk["results"]), len(on_disk["mixers"])))
+
+    monkeypatch.setattr(bench, "write_json", write_and_read_back)
+    bench.main(["--config", str(bench_config), *BENCH_SMALLEST, "--json", str(out), "--plot", str(tmp_path / "b.png")])
+    assert written == [(1, 0), (2, 0), (3, 0), (4, 0), (5, 0), (6, 0), (6, 1), (6, 2), (6, 2)]
+    printed = capsys.readouterr().out
+    rows = [line for line in printed.splitlines() if line.startswith("video 3 s")]
+    assert len(rows) == 2 and rows[0] == rows[1]  # the row as soon as it is measured, then in the final table
+
+
 def test_bench_workload_ids_place_the_visual_tokens_of_every_grid(bench_config):
     config = VLMConfig.from_hf_dict(BENCH_TINY)
     for load in bench.workloads(config, (1, 2), [3], [20]):
@@ -1349,11 +1503,11 @@ def test_bench_mixer_sweep_reports_running_out_of_memory_as_a_gap(monkeypatch, c
 
     monkeypatch.setattr(bench, "measure", measure)
     with bench.tqdm(total=6, disable=True) as bar:
-        rows = bench.bench_mixers(teacher, student, [8, 16, 32], args, torch.device("cpu"), bar)
+        rows = list(bench.bench_mixers(teacher, student, [8, 16, 32], args, torch.device("cpu"), bar))
     assert rows[2]["attention"] is None and all(r["linmu"] > 0 for r in rows)
     table = bench.mixer_table(rows)
     assert "ran out of memory" in capsys.readouterr().out
-    assert table.splitlines()[3].split()[:4] == ["32", "-", f"{rows[2]['linmu']:.3f}", "-"]
+    assert table.splitlines()[3].split()[:4] == ["32", "-", f"{rows[2]['linmu']:.4f}", "-"]
     assert "attention slope over the longest 2 lengths" in table and "M-MATE    slope over the longest 3" in table
 
 

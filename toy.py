@@ -158,8 +158,8 @@ def toy_config(task: Task) -> VLMConfig:
 
 def toy_mixer(task: Task) -> MixerConfig:
     """M-MATE sized for the toy: Swin windows of two whole frames, a text window of 8 tokens (one
-    question and a half: the frames are out of its reach), SSD chunks of 32 tokens."""
-    return MixerConfig(chunk_size=32, window_frames=2, window_rows=task.grid, window_cols=task.grid, text_window=8)
+    question and a half: the frames are out of its reach)."""
+    return MixerConfig(window_frames=2, window_rows=task.grid, window_cols=task.grid, text_window=8)
 
 
 def train_teacher(teacher: VLM, task: Task, steps: int, batch_size: int, lr: float, seed: int) -> None:
