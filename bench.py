@@ -53,7 +53,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from linmu import VLM, PromptPlan, TokenLayout, VLMConfig, compile_model, convert_to_linmu, decoder, load_model
+from linmu import (VLM, PromptPlan, TokenLayout, VLMConfig, compile_model, convert_to_linmu, decoder, load_model,
+                   tuning)
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "smolvlm2-256m.json"
 PREFIX_TOKENS, QUESTION_TOKENS = 16, 8  # chat template and system text before, the question after
@@ -622,7 +623,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     header = [f"bench.py: LinMU student vs attention teacher on {machine(device)}",
               f"torch {torch.__version__}, {device}, {str(dtype).removeprefix('torch.')}, {source}; decoder "
               f"{layers} of {config.text.num_hidden_layers} layers, width {config.text.hidden_size}, "
-              f"{config.text.num_attention_heads} heads; {config.image_seq_len} tokens per frame or tile",
+              f"{config.text.num_attention_heads} heads; {config.image_seq_len} tokens per frame or tile; LinMU's "
+              f"{tuning(device)}",
               f"median of {args.repeats} after {args.warmup} warm-up; decoding {args.new_tokens} tokens "
               f"({'CUDA graphs' if device.type == 'cuda' else 'eager'}); vision encoder timed for at most "
               f"{args.vision_frames} frames, TTFT = vision encoder + prefill"]

@@ -204,14 +204,11 @@ class KVCache:
 
 def cached_attention(q: Tensor, cache: KVCache, visible: Tensor) -> Tensor:
     """One new token per sequence attends to the cache's visible slots: q (B, 1, H, Dh), visible
-    (slots,) bool -> (B, 1, H Dh).
-
-    The query heads that share a kv head are laid along the query axis, (B, Hkv, H/Hkv, Dh), so
-    each cached key and value is read once, and never repeated per query head."""
-    batch, _, heads, head_dim = q.shape
-    grouped = q.reshape(batch, cache.k.shape[1], -1, head_dim)  # (B, Hkv, H/Hkv, Dh)
-    y = F.scaled_dot_product_attention(grouped, cache.k, cache.v, attn_mask=visible[None])  # (B, Hkv, H/Hkv, Dh)
-    return y.reshape(batch, 1, heads * head_dim)
+    (slots,) bool -> (B, 1, H Dh). (On an H100 at 75k cached tokens this form, SDPA with
+    enable_gqa, measured 10x faster than laying a kv head's query heads along the query axis.)"""
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), cache.k, cache.v, attn_mask=visible[None],
+                                       enable_gqa=True)  # (B, H, 1, Dh)
+    return y.transpose(1, 2).flatten(2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,9 +295,10 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     chunks = length // chunk_size + 1
     pad = chunks * chunk_size - length
 
-    def chunked(t: Tensor) -> Tensor:  # (B, L, H, ...) -> (B, H, c, Q, ...), one copy
-        t = F.pad(t.to(acc), (0, 0) * (t.dim() - 2) + (0, pad))
-        return t.reshape(batch, chunks, chunk_size, *t.shape[2:]).movedim(3, 1).contiguous()
+    def chunked(t: Tensor) -> Tensor:  # (B, L, H, ...) -> (B, H, c, Q, ...) in acc, zero-padded: one copy
+        out = t.new_zeros(batch, t.shape[2], chunks * chunk_size, *t.shape[3:], dtype=acc)
+        out[:, :, :length] = t.movedim(1, 2)
+        return out.unflatten(2, (chunks, chunk_size))
 
     if heads != B.shape[2]:
         B, C = (t.repeat_interleave(heads // t.shape[2], dim=2) for t in (B, C))
@@ -388,8 +386,12 @@ class FlexMA(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
 
     def _split(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """u: (B, L, D) -> z (B, L, H*P), xBC (B, L, conv_dim) before the convolution, dt (B, L, H)."""
-        return self.in_proj(u).split([self.d_inner, self.conv_dim, self.heads], dim=-1)
+        """u: (B, L, D) -> z (B, L, H*P), xBC (B, L, conv_dim) before the convolution, dt (B, L, H).
+
+        Three products with the row blocks of in_proj rather than one split afterwards, so that each
+        part is a contiguous tensor: the convolution's elementwise passes over a strided slice of
+        a (L, 2313) product ran several times slower on a GPU."""
+        return tuple(F.linear(u, w) for w in self.in_proj.weight.split([self.d_inner, self.conv_dim, self.heads]))
 
     def _features(self, xBC: Tensor, conv: nn.Conv1d) -> tuple[Tensor, Tensor, Tensor]:
         """Causal depthwise conv + SiLU, then split: (B, K - 1 + n, conv_dim), the n inputs after the
