@@ -19,6 +19,9 @@ All resizing is torchvision's LANCZOS on uint8 tensors, what transformers' defau
 backed) SmolVLMImageProcessor and SmolVLMVideoProcessor run: pixel values and input_ids match them
 exactly (tested). transformers' PIL-backed SmolVLMImageProcessorPil resamples with PIL's LANCZOS,
 which differs by up to 3/255 on a pixel (mean absolute difference about 1e-4 after normalizing).
+torchvision before 0.27 cannot resize tensors with LANCZOS; there `resize` goes through PIL, one
+side at a time as torch does, within 2 grey levels of torchvision per resize and 3 after the two
+or three resizes in a row an image goes through (tested against torchvision and transformers).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import NamedTuple
 import PIL.Image
 import PIL.ImageOps
 import torch
+import torchvision
 from tokenizers import Tokenizer
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
@@ -50,6 +54,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 # The PIL resampling codes a preprocessor_config.json stores, as torchvision interpolation modes.
 RESAMPLE = {0: TF.InterpolationMode.NEAREST, 1: TF.InterpolationMode.LANCZOS,
             2: TF.InterpolationMode.BILINEAR, 3: TF.InterpolationMode.BICUBIC}
+
+# torchvision resizes tensors with LANCZOS from 0.27 on (through torch's interpolate); before, PIL does.
+TENSOR_LANCZOS = tuple(int(part) for part in torchvision.__version__.split(".")[:2]) >= (0, 27)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,8 +179,28 @@ class ProcessorConfig:
 
 
 def resize(pixels: Tensor, height: int, width: int, resample: int) -> Tensor:
-    """Resize uint8 (..., 3, H, W) pixels with antialiasing; the result is rounded back to uint8."""
+    """Resize uint8 (..., 3, H, W) pixels with antialiasing; the result is rounded back to uint8.
+
+    torchvision's resize, or PIL's for LANCZOS where torchvision cannot (TENSOR_LANCZOS is False).
+    """
+    if RESAMPLE[resample] == TF.InterpolationMode.LANCZOS and not TENSOR_LANCZOS:
+        return pil_lanczos(pixels, height, width)
     return TF.resize(pixels, [height, width], interpolation=RESAMPLE[resample], antialias=True)
+
+
+def pil_lanczos(pixels: Tensor, height: int, width: int) -> Tensor:
+    """PIL's LANCZOS resize of uint8 (..., 3, H, W) pixels, one image at a time.
+
+    The width first, then the height: the order torch resamples in. That keeps the result within 2
+    grey levels of torchvision's (PIL's and torch's filter weights are rounded differently); a single
+    PIL resize of both sides can differ by 40 where one side shrinks and the other grows.
+    """
+    images = []
+    for image in pixels.reshape(-1, *pixels.shape[-3:]):
+        pil = TF.to_pil_image(image)
+        pil = pil.resize((width, pil.height), PIL.Image.Resampling.LANCZOS)
+        images.append(TF.pil_to_tensor(pil.resize((width, height), PIL.Image.Resampling.LANCZOS)))
+    return torch.stack(images).reshape(*pixels.shape[:-2], height, width)
 
 
 def longest_edge_size(height: int, width: int, longest_edge: int) -> tuple[int, int]:
