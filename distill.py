@@ -44,8 +44,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from convert import DEFAULT_STUDENT, DEFAULT_TEACHER
-from linmu import (VLM, TokenLayout, add_lora, default_device, load_model, merge_lora, resolve_checkpoint,
-                   save_model, trainable_parameters)
+from linmu import (VLM, InputError, TokenLayout, add_lora, check_bounds, check_checkpoint, check_device,
+                   default_device, load_model, merge_lora, resolve_checkpoint, save_model, trainable_parameters,
+                   user_errors)
 
 DEFAULT_OUT = "checkpoints/distill"
 LORA_TARGETS = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "modality_projection.proj"]
@@ -99,7 +100,7 @@ def prepare_stage(student: VLM, cfg: DistillConfig) -> dict[str, torch.nn.Parame
     """
     branches = cfg.branches or ("flex" if cfg.stage == 1 else "both")
     if cfg.stage == 1 and branches != "flex":
-        raise ValueError("stage 1 trains Flex-MA alone: leave --branches unset or set it to flex")
+        raise InputError("stage 1 trains Flex-MA alone: leave --branches unset or set it to flex")
     student.requires_grad_(False)
     for layer in student.model.text_model.layers:
         mixer = layer.self_attn
@@ -226,7 +227,7 @@ def restore_checkpoint(out_dir: Path, params: dict, optimizer, scheduler) -> int
         raise FileNotFoundError(f"--resume: no {path}; run the stage without --resume first")
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state["trained"].keys() != params.keys():
-        raise ValueError(f"--resume: {path} trained other parameters than this stage; check --stage and --branches")
+        raise InputError(f"--resume: {path} trained other parameters than this stage; check --stage and --branches")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(state["trained"][name])
@@ -307,7 +308,8 @@ def report(stage: int, step: int, metrics: dict, log: Callable[[str], None]) -> 
 def read_jsonl(path: str | Path) -> list[dict]:
     """One JSON object per line: {"image": path} or {"images": [paths]} or {"video": path (a file, or
     a folder of frames)}, with "prompt": the user's text and, optionally, "response": the assistant's
-    answer (distilled too when given). Relative paths are relative to the JSONL file's folder."""
+    answer (distilled too when given). Relative paths are relative to the JSONL file's folder.
+    InputError, naming the line, for a line that is not such an object or names a missing file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--data {path} does not exist: give a JSONL file of samples (see distill.py --help)")
@@ -318,16 +320,23 @@ def read_jsonl(path: str | Path) -> list[dict]:
         try:
             sample = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
-        if "prompt" not in sample:
-            raise ValueError(f"{path}:{number}: a sample needs a \"prompt\"")
+            raise InputError(f"{path}:{number}: not JSON ({error.msg})") from None
+        if not isinstance(sample, dict) or not isinstance(sample.get("prompt"), str):
+            raise InputError(f"{path}:{number}: a sample is a JSON object with a \"prompt\" string")
         images = sample.get("images", [sample["image"]] if "image" in sample else [])
+        if not (isinstance(images, list) and all(isinstance(v, str) for v in images)
+                and all(isinstance(sample.get(key, ""), str) for key in ("video", "response"))):
+            raise InputError(f"{path}:{number}: \"image\", \"video\" and \"response\" are strings, "
+                             "\"images\" a list of strings")
         sample["images"] = [path.parent / p for p in images]
         if "video" in sample:
             sample["video"] = path.parent / sample["video"]
+        for file in sample["images"] + ([sample["video"]] if "video" in sample else []):
+            if not file.exists():
+                raise InputError(f"{path}:{number}: {file} does not exist (paths are relative to the JSONL file)")
         samples.append(sample)
     if not samples:
-        raise ValueError(f"{path} holds no samples")
+        raise InputError(f"{path} holds no samples")
     return samples
 
 
@@ -403,8 +412,10 @@ class SampleBatches:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The flags, checked: InputError for a value no stage can run with."""
     d = DistillConfig()
-    p = argparse.ArgumentParser(description="LinMU distillation, one stage per run: 1 trains Flex-MA alone, 2 adds "
+    p = argparse.ArgumentParser(prog="distill.py",
+                                description="LinMU distillation, one stage per run: 1 trains Flex-MA alone, 2 adds "
                                             "Local-Swin, 3 fine-tunes the MLPs and connector through LoRA.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--stage", type=int, choices=[1, 2, 3], required=True, help="which distillation stage to run")
@@ -440,53 +451,66 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=d.seed, help="seed for data order, synthetic data and LoRA init")
     p.add_argument("--device", default=default_device(), help="torch device")
     p.add_argument("--resume", action="store_true", help="continue OUT/stageN from its trainer.pt")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_device(args.device)
+    check_bounds(args, at_least={"steps": 1, "batch_size": 1, "grad_accum": 1, "warmup": 0, "weight_decay": 0,
+                                 "hidden_weight": 0, "kl_weight": 0, "lora_rank": 1, "eval_every": 0, "save_every": 0,
+                                 "eval_samples": 1, "synthetic_samples": 1},
+                 above={"lr": 0, "clip": 0, "temperature": 0})
+    return args
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def stage_config(args: argparse.Namespace) -> DistillConfig:
+    """The DistillConfig of the flags; --compile defaults to on for CUDA, off elsewhere."""
+    return DistillConfig(**{k: getattr(args, k) for k in DistillConfig.__dataclass_fields__ if k != "compile"},
+                         compile=args.compile if args.compile is not None else args.device.startswith("cuda"))
+
+
+def run_stage(args: argparse.Namespace) -> dict:
+    """One stage as the flags say: the checkpoints' configs and the data are checked before any weight
+    is loaded, then train_stage runs and writes OUT/stageN. Returns train_stage's result."""
     from processing import Processor
 
-    cfg = DistillConfig(**{k: getattr(args, k) for k in DistillConfig.__dataclass_fields__ if k != "compile"},
-                        compile=args.compile if args.compile is not None else args.device.startswith("cuda"))
+    cfg = stage_config(args)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     init = Path(args.student or (DEFAULT_STUDENT if cfg.stage == 1 else Path(args.out) / f"stage{cfg.stage - 1}"))
     if not (init / "config.json").is_file():
         make = "python convert.py" if cfg.stage == 1 else f"python distill.py --stage {cfg.stage - 1} --out {args.out}"
-        raise SystemExit(f"distill.py: error: no student checkpoint at {init}: create it with `{make}` "
-                         "(or pass --student)")
-    try:
-        student = load_model(init, args.device)
-        if student.config.linmu is None:
-            raise ValueError(f"{init} is not a LinMU student (its config.json has no \"linmu\" entry): "
-                             f"convert it with `python convert.py --model {init}`")
-        teacher = load_model(resolve_checkpoint(args.teacher), args.device).requires_grad_(False)
-        if teacher.config.text != student.config.text:
-            raise ValueError(f"the teacher {args.teacher} has other decoder sizes than the student {init}: "
-                             "pass the --teacher it was converted from")
-        processor = Processor.from_pretrained(init)
-        if args.data:
-            samples = read_jsonl(args.data)
-        else:
-            samples = synthetic_samples(args.synthetic_samples, cfg.seed)
-            tqdm.write(f"no --data given: distilling on {len(samples)} synthetic samples generated in-process "
-                       "(procedural images and videos; pass --data for real ones)")
-        if len(samples) <= args.eval_samples:
-            raise ValueError(f"{len(samples)} samples cannot spare {args.eval_samples} for evaluation: "
-                             "give more samples or lower --eval-samples")
-        held_out = SampleBatches(samples[:args.eval_samples], processor, cfg.batch_size, cfg.seed, args.device, shuffle=False)
-        batches = SampleBatches(samples[args.eval_samples:], processor, cfg.batch_size, cfg.seed, args.device)
-        out_dir = Path(args.out) / f"stage{cfg.stage}"
-        result = train_stage(student, teacher, batches, [held_out(i) for i in range(len(held_out))], cfg,
-                             out_dir=out_dir, source=init, resume=args.resume)
-    except (FileNotFoundError, ConnectionError, PermissionError, ValueError, DivergenceError) as error:
-        raise SystemExit(f"distill.py: error: {error}") from None
-    print(f"stage {cfg.stage} done: held-out hidden cosine {result['cosine']:.4f}, KL {result['kl']:.4f}, "
-          f"top-1 agreement {result['top1']:.3f}; student written to {out_dir}")
-    if cfg.stage < 3:
+        raise FileNotFoundError(f"no student checkpoint at {init}: create it with `{make}` (or pass --student)")
+    teacher_path = resolve_checkpoint(args.teacher)
+    if check_checkpoint(init, expect="student").text != check_checkpoint(teacher_path, expect="teacher").text:
+        raise InputError(f"the teacher {args.teacher} has other decoder sizes than the student {init}: "
+                         "pass the --teacher it was converted from")
+    processor = Processor.from_pretrained(init)
+    if args.data:
+        samples = read_jsonl(args.data)
+    else:
+        samples = synthetic_samples(args.synthetic_samples, cfg.seed)
+        tqdm.write(f"no --data given: distilling on {len(samples)} synthetic samples generated in-process "
+                   "(procedural images and videos; pass --data for real ones)")
+    if len(samples) <= args.eval_samples:
+        raise InputError(f"{len(samples)} samples cannot spare {args.eval_samples} for evaluation: "
+                         "give more samples or lower --eval-samples")
+    student = load_model(init, args.device)
+    teacher = load_model(teacher_path, args.device).requires_grad_(False)
+    held_out = SampleBatches(samples[:args.eval_samples], processor, cfg.batch_size, cfg.seed, args.device, shuffle=False)
+    batches = SampleBatches(samples[args.eval_samples:], processor, cfg.batch_size, cfg.seed, args.device)
+    return train_stage(student, teacher, batches, [held_out(i) for i in range(len(held_out))], cfg,
+                       out_dir=Path(args.out) / f"stage{cfg.stage}", source=init, resume=args.resume)
+
+
+@user_errors("distill.py", DivergenceError)
+def main(argv: list[str] | None = None) -> dict:
+    """Run the stage the flags name and return its result (train_stage's)."""
+    args = parse_args(argv)
+    result = run_stage(args)
+    print(f"stage {args.stage} done: held-out hidden cosine {result['cosine']:.4f}, KL {result['kl']:.4f}, "
+          f"top-1 agreement {result['top1']:.3f}; student written to {Path(args.out) / f'stage{args.stage}'}")
+    if args.stage < 3:
         teacher_flag = "" if args.teacher == DEFAULT_TEACHER else f" --teacher {args.teacher}"
-        print(f"next: python distill.py --stage {cfg.stage + 1} --out {args.out}{teacher_flag}")
+        print(f"next: python distill.py --stage {args.stage + 1} --out {args.out}{teacher_flag}")
+    return result
 
 
 if __name__ == "__main__":

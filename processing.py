@@ -42,6 +42,8 @@ from tokenizers import Tokenizer
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
+from linmu import InputError
+
 # The special tokens SmolVLM's prompt format is written in (fixed by the checkpoint's tokenizer).
 IMAGE_TOKEN = "<image>"
 VIDEO_TOKEN = "<video>"  # a placeholder in the text only, replaced before tokenizing
@@ -75,8 +77,8 @@ def load_image(path: str | Path) -> Tensor:
     try:
         with PIL.Image.open(path) as image:
             return TF.pil_to_tensor(PIL.ImageOps.exif_transpose(image).convert("RGB"))
-    except PIL.UnidentifiedImageError as error:
-        raise ValueError(f"cannot decode image {path}: {error}") from None
+    except OSError as error:  # not an image (PIL.UnidentifiedImageError), or a truncated one
+        raise InputError(f"cannot decode image {path}: {error}") from None
 
 
 class Video(NamedTuple):
@@ -128,15 +130,15 @@ def load_video(path: str | Path, fps: float = 1.0, max_frames: int = 64, folder_
         indices = sample_frame_indices(len(files), folder_fps, duration, fps, max_frames)
         frames = [load_image(files[i]) for i in indices]
         if len({f.shape for f in frames}) > 1:
-            raise ValueError(f"the frames in {path} differ in size: resize them to one size first")
+            raise InputError(f"the frames in {path} differ in size: resize them to one size first")
         return Video(torch.stack(frames), [i / folder_fps for i in indices], duration)
     if not path.is_file():
         raise FileNotFoundError(f"video not found: {path}")
     try:
         from torchcodec.decoders import VideoDecoder
     except ImportError:
-        raise ImportError(f"reading the video file {path} needs torchcodec: pip install torchcodec, "
-                          "or pass a folder of frame images instead") from None
+        raise InputError(f"reading the video file {path} needs torchcodec: pip install torchcodec, "
+                         "or pass a folder of frame images instead") from None
     decoder = VideoDecoder(str(path))
     meta = decoder.metadata
     indices = sample_frame_indices(meta.num_frames, meta.average_fps, meta.duration_seconds, fps, max_frames)
@@ -387,7 +389,7 @@ class Processor:
         self.cfg = cfg or ProcessorConfig()
         side = math.isqrt(self.cfg.image_seq_len)
         if side * side != self.cfg.image_seq_len:
-            raise ValueError(f"image_seq_len {self.cfg.image_seq_len} is not a square grid of tokens")
+            raise InputError(f"image_seq_len {self.cfg.image_seq_len} is not a square grid of tokens")
         self.grid_side = side
         self.image_token_id = self.token_id(IMAGE_TOKEN)
         self.eos_token_id = self.token_id(self.cfg.eos_token)
@@ -402,7 +404,7 @@ class Processor:
         """The id of a special token, which the tokenizer must know."""
         token_id = self.tokenizer.token_to_id(token)
         if token_id is None:
-            raise ValueError(f"the tokenizer has no token {token!r}")
+            raise InputError(f"the tokenizer has no token {token!r}")
         return token_id
 
     @classmethod
@@ -447,7 +449,7 @@ class Processor:
             pad_token=token_content(tok.get("pad_token")) or default.pad_token,
         )
         if max(cfg.longest_edge, cfg.video_longest_edge) > 4096:
-            raise ValueError("SmolVLM caps images at 4096 px: set size.longest_edge to 4096 or less")
+            raise InputError("SmolVLM caps images at 4096 px: set size.longest_edge to 4096 or less")
         return cls(Tokenizer.from_file(str(directory / "tokenizer.json")), cfg)
 
     def __call__(self, prompt: str | list[dict], images: list[Tensor | str | Path] = (),
@@ -462,7 +464,7 @@ class Processor:
         pieces = re.split(f"({re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)})", text)
         n_images, n_videos = pieces.count(IMAGE_TOKEN), pieces.count(VIDEO_TOKEN)
         if n_images != len(images) or n_videos != (video is not None):
-            raise ValueError(f"the prompt has {n_images} {IMAGE_TOKEN} and {n_videos} {VIDEO_TOKEN} placeholders "
+            raise InputError(f"the prompt has {n_images} {IMAGE_TOKEN} and {n_videos} {VIDEO_TOKEN} placeholders "
                              f"but {len(images)} images and {int(video is not None)} video were given")
         if isinstance(video, (str, Path)):
             video = load_video(video, self.cfg.video_fps, self.cfg.video_max_frames)

@@ -1,9 +1,11 @@
 """The specification of LinMU, as tests: each compares with an independent reference or checks a
 property that fails when the code is wrong. Tiny configurations only: the suite runs on 2 CPU cores."""
 
+import importlib.util
 import json
 import math
 import random
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -1110,7 +1112,7 @@ def test_missing_and_unreadable_files(tmp_path):
     try:
         import torchcodec  # noqa: F401
     except ImportError:
-        with pytest.raises(ImportError, match="torchcodec"):
+        with pytest.raises(linmu.InputError, match="needs torchcodec"):
             P.load_video(tmp_path / "clip.mp4")
 
 
@@ -1258,13 +1260,14 @@ def test_compiled_and_eager_losses_agree(pair):
     assert abs(compiled.item() - eager.item()) < 1e-4
 
 
-def test_distill_command_line_names_the_missing_step(tmp_path):
+def test_distill_command_line_names_the_missing_step(tmp_path, capsys):
     import distill
 
-    with pytest.raises(SystemExit, match="create it with `python convert.py`"):
-        distill.main(["--stage", "1", "--student", str(tmp_path / "missing")])
-    with pytest.raises(SystemExit, match=r"create it with `python distill.py --stage 1"):
-        distill.main(["--stage", "2", "--out", str(tmp_path)])
+    for argv, message in ([["--stage", "1", "--student", str(tmp_path / "missing")], "create it with `python convert.py`"],
+                          [["--stage", "2", "--out", str(tmp_path)], "create it with `python distill.py --stage 1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            distill.main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_distill_command_line_runs_a_stage_from_jsonl(tiny_hub, tmp_path):
@@ -1422,7 +1425,7 @@ def test_student_agreement_with_the_teacher_rises_across_the_stages():
 
 
 # ----------------------------------------------------------------------------------------------
-# 11. Where users run it: the LANCZOS fallback
+# 11. Where users run it: the LANCZOS fallback, one line for every input mistake
 
 
 def lanczos_difference(monkeypatch, resize, *args):
@@ -1454,3 +1457,121 @@ def test_pil_lanczos_stays_within_two_grey_levels_of_torchvision(monkeypatch):
         assert lanczos_difference(monkeypatch, P.video_tiles, image.expand(2, -1, -1, -1), cfg).max() <= 3
     assert differ / values < 0.02
 
+
+@pytest.fixture(scope="module")
+def mistakes(tmp_path_factory, tiny_hub):
+    """Inputs a user can get wrong, each beside a good one: checkpoints (a teacher, its student, a teacher
+    whose model.safetensors is cut in half), images, frame folders, a video file, JSONL data."""
+    root = tmp_path_factory.mktemp("mistakes")
+    student = save_model(linmu.convert_to_linmu(load_model(tiny_hub)), root / "student", source=tiny_hub)
+    truncated = root / "truncated"
+    shutil.copytree(tiny_hub, truncated)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    TF.to_pil_image(random_image(30, 40, 1)).save(root / "image.png")
+    (root / "bad.png").write_bytes(b"not an image")
+    (root / "empty").mkdir()
+    write_frames(root / "frames", 2)
+    (root / "frames" / "frame_0001.png").write_bytes(b"not an image either")
+    (root / "clip.mp4").write_bytes(b"\x00" * 64)
+    lines = {"bad_json": '{"image": "image.png", "prompt": "What?"}\n{"image": "image.png", "prompt": ',
+             "no_prompt": '{"image": "image.png"}', "missing_image": '{"image": "nope.png", "prompt": "What?"}'}
+    for name, text in lines.items():
+        (root / f"{name}.jsonl").write_text(text)
+    files = {"image": "image.png", "bad_image": "bad.png", "empty": "empty", "bad_frames": "frames", "clip": "clip.mp4",
+             **{name: f"{name}.jsonl" for name in lines}}
+    return {"teacher": tiny_hub, "student": student, "truncated": truncated, "missing": root / "missing",
+            **{name: root / file for name, file in files.items()}}
+
+
+TORCHCODEC = importlib.util.find_spec("torchcodec") is not None
+STAGE = ["--stage", "1", "--student", "{student}", "--teacher", "{teacher}", "--out", "{out}"]
+BENCH_OUT = ["--threads", "1", "--json", "{out}/bench.json", "--plot", "{out}/bench.png"]
+MISTAKES = [  # (command, flags, what the error line says); {name} is a path of `mistakes`, {out} a fresh one
+    pytest.param("linmu.py", ["--model", "{missing}"], "does not exist", id="linmu-missing-checkpoint"),
+    pytest.param("linmu.py", ["--model", "{teacher}", "--image", "{missing}"], "image file not found",
+                 id="linmu-missing-image"),
+    pytest.param("linmu.py", ["--model", "{teacher}", "--image", "{bad_image}"], "cannot decode image",
+                 id="linmu-undecodable-image"),
+    pytest.param("linmu.py", ["--model", "{teacher}", "--video", "{empty}"], "no frame images",
+                 id="linmu-empty-frames-folder"),
+    pytest.param("linmu.py", ["--model", "{teacher}", "--video", "{bad_frames}"], "frame_0001.png",
+                 id="linmu-undecodable-frame"),
+    pytest.param("linmu.py", ["--model", "{truncated}", "--image", "{image}"],
+                 "model.safetensors is not a readable safetensors file", id="linmu-truncated-weights"),
+    pytest.param("linmu.py", ["--model", "{teacher}", "--video", "{clip}"], "needs torchcodec",
+                 id="linmu-video-file-without-torchcodec",
+                 marks=pytest.mark.skipif(TORCHCODEC, reason="torchcodec is installed")),
+    pytest.param("linmu.py", ["--model", "{teacher}", "--device", "tpu:3"], "no such device", id="linmu-unknown-device"),
+    pytest.param("linmu.py", ["--model", "{teacher}", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1",
+                 id="linmu-zero-tokens"),
+    pytest.param("convert.py", ["--model", "{student}", "--out", "{out}"], "where a SmolVLM2 teacher is needed",
+                 id="convert-student-as-teacher"),
+    pytest.param("convert.py", ["--model", "{truncated}", "--out", "{out}"], "is not a readable safetensors file",
+                 id="convert-truncated-weights"),
+    pytest.param("convert.py", ["--model", "{missing}", "--out", "{out}"], "does not exist", id="convert-missing-model"),
+    pytest.param("convert.py", ["--model", "{teacher}", "--out", "{out}", "--chunk-size", "0"],
+                 "--chunk-size must be at least 1", id="convert-zero-chunk"),
+    pytest.param("distill.py", [*STAGE, "--steps", "-3"], "--steps must be at least 1, not -3",
+                 id="distill-negative-steps"),
+    pytest.param("distill.py", [*STAGE, "--batch-size", "0"], "--batch-size must be at least 1",
+                 id="distill-zero-batch"),
+    pytest.param("distill.py", [*STAGE, "--lr", "0"], "--lr must be more than 0", id="distill-zero-lr"),
+    pytest.param("distill.py", [*STAGE, "--device", "cuda:99"], "no such device", id="distill-unknown-device"),
+    pytest.param("distill.py", ["--stage", "1", "--student", "{teacher}", "--teacher", "{teacher}", "--out", "{out}"],
+                 "where a LinMU student is needed", id="distill-teacher-as-student"),
+    pytest.param("distill.py", ["--stage", "1", "--student", "{student}", "--teacher", "{student}", "--out", "{out}"],
+                 "where a SmolVLM2 teacher is needed", id="distill-student-as-teacher"),
+    pytest.param("distill.py", ["--stage", "1", "--student", "{student}", "--teacher", "{truncated}", "--out", "{out}"],
+                 "model.safetensors is not a readable safetensors file", id="distill-truncated-weights"),
+    pytest.param("distill.py", ["--stage", "1", "--student", "{missing}", "--teacher", "{teacher}", "--out", "{out}"],
+                 "no student checkpoint at", id="distill-missing-student"),
+    pytest.param("distill.py", [*STAGE, "--data", "{missing}"], "does not exist", id="distill-missing-data"),
+    pytest.param("distill.py", [*STAGE, "--data", "{bad_json}"], "bad_json.jsonl:2: not JSON", id="distill-bad-json"),
+    pytest.param("distill.py", [*STAGE, "--data", "{no_prompt}"], "no_prompt.jsonl:1: a sample is a JSON object",
+                 id="distill-no-prompt"),
+    pytest.param("distill.py", [*STAGE, "--data", "{missing_image}"], "missing_image.jsonl:1:",
+                 id="distill-missing-image-in-data"),
+    pytest.param("bench.py", ["--model", "{teacher}", *BENCH_OUT], "where a LinMU student is needed",
+                 id="bench-teacher-as-student"),
+    pytest.param("bench.py", ["--model", "{student}", "--teacher", "{student}", *BENCH_OUT],
+                 "where a SmolVLM2 teacher is needed", id="bench-student-as-teacher"),
+    pytest.param("bench.py", ["--teacher", "{truncated}", *BENCH_OUT], "is not a readable safetensors file",
+                 id="bench-truncated-weights"),
+    pytest.param("bench.py", ["--model", "{missing}", *BENCH_OUT], "does not exist", id="bench-missing-model"),
+    pytest.param("bench.py", ["--device", "gpu", *BENCH_OUT], "no such device", id="bench-unknown-device"),
+    pytest.param("bench.py", ["--repeats", "0", *BENCH_OUT], "--repeats must be at least 1, not 0",
+                 id="bench-zero-repeats"),
+]
+
+
+@pytest.mark.parametrize("command, flags, message", MISTAKES)
+def test_every_input_mistake_gives_one_error_line_and_writes_nothing(command, flags, message, mistakes, tmp_path,
+                                                                     capsys):
+    """Each command, run on each mistake, ends with exit status 2 and exactly one line on stderr,
+    `command: error: ...` (no traceback, and no progress bar: the inputs are checked before any weights
+    load), and leaves no output behind."""
+    import convert
+    import distill
+
+    main = {"linmu.py": linmu.main, "convert.py": convert.main, "distill.py": distill.main, "bench.py": bench.main}
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main[command]([flag.format(out=out, **mistakes) for flag in flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.startswith(f"{command}: error: ") and err.count("\n") == 1 and err.endswith("\n"), err
+    assert message in err
+    assert not out.exists()
+
+
+def test_a_programming_error_inside_the_library_keeps_its_traceback(tiny_hub, monkeypatch):
+    """The one-line convention is for the user's mistakes: a bug still raises as itself."""
+    import convert
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug, not an input mistake")
+
+    monkeypatch.setattr(convert, "convert_to_linmu", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        convert.main(["--model", str(tiny_hub), "--out", "unused"])
