@@ -34,8 +34,11 @@ import copy
 import json
 import math
 import random
+import resource
+import statistics
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -45,10 +48,12 @@ from tqdm import tqdm
 
 from convert import DEFAULT_STUDENT, DEFAULT_TEACHER
 from linmu import (VLM, InputError, TokenLayout, add_lora, check_bounds, check_checkpoint, check_device,
-                   default_device, load_model, merge_lora, resolve_checkpoint, save_model, trainable_parameters,
-                   user_errors)
+                   convert_to_linmu, default_device, load_model, merge_lora, read_config, resolve_checkpoint,
+                   save_model, trainable_parameters, user_errors)
 
 DEFAULT_OUT = "checkpoints/distill"
+SMOKE_CONFIG = Path(__file__).parent / "configs" / "smolvlm2-256m.json"
+SMOKE_STEPS = 5
 LORA_TARGETS = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "modality_projection.proj"]
 STAGE_LR = {1: 1e-3, 2: 5e-4, 3: 2e-4}
 Batch = dict  # input_ids (B, L), attention_mask (B, L), pixel_values, pixel_attention_mask, grids
@@ -248,7 +253,7 @@ def train_stage(student: VLM, teacher: VLM, batch_at: Callable[[int], Batch], ev
     batch_at(i) gives micro-batch i (the same i always gives the same batch, so a resumed run sees
     the data the interrupted one would have). Evaluates every cfg.eval_every steps and at the end,
     saves every cfg.save_every steps and at the end (if out_dir). Returns the last evaluation with
-    the training-loss history.
+    the training-loss history and each step's seconds (its batches, forward, backward and update).
     """
     params = prepare_stage(student, cfg)
     optimizer = make_optimizer(params, cfg)
@@ -258,7 +263,7 @@ def train_stage(student: VLM, teacher: VLM, batch_at: Callable[[int], Batch], ev
         for layer in student.model.text_model.layers:
             layer.compile()
     on_cuda = next(student.parameters()).device.type == "cuda"
-    history = []
+    history, step_seconds = [], []
     bar = tqdm(range(first, cfg.steps), initial=first, total=cfg.steps, desc=f"stage {cfg.stage}")
     student.train()
     for step in bar:
@@ -278,6 +283,7 @@ def train_stage(student: VLM, teacher: VLM, batch_at: Callable[[int], Batch], ev
         optimizer.step()
         scheduler.step()
         history.append(loss.item())
+        step_seconds.append(time.perf_counter() - started)
         bar.set_postfix(loss=f"{loss.item():.4f}", hidden=f"{parts['hidden']:.4f}", kl=f"{parts['kl']:.4f}",
                         tok_s=f"{tokens / (time.perf_counter() - started):.0f}")
         last = step + 1 == cfg.steps
@@ -293,7 +299,7 @@ def train_stage(student: VLM, teacher: VLM, batch_at: Callable[[int], Batch], ev
     final = evaluate(student, teacher, eval_batches) if eval_batches else {}
     if final:
         report(cfg.stage, cfg.steps, final, log)
-    return {**final, "losses": history}
+    return {**final, "losses": history, "step_seconds": step_seconds}
 
 
 def report(stage: int, step: int, metrics: dict, log: Callable[[str], None]) -> None:
@@ -408,6 +414,73 @@ class SampleBatches:
 
 
 # ----------------------------------------------------------------------------------------------
+# A full-size smoke run on random weights (--smoke): does stage 1 run here, how fast, in how much memory?
+
+
+def write_random_teacher(directory: Path, config_file: Path, seed: int) -> VLM:
+    """A SmolVLM2 teacher of a config.json's sizes with random weights, written in the Hub layout (no download).
+
+    With the stand-in tokenizer (processing.write_stand_in_tokenizer; the config's image_token_id
+    becomes its <image> id) and a preprocessor config scaled to the config's tile, as SmolVLM2-256M's
+    is to its 512 px: images resized to 4 tiles on their longest edge, video frames to one tile.
+    """
+    from processing import IMAGE_TOKEN, write_stand_in_tokenizer
+
+    config = read_config(config_file, expect="teacher")
+    directory.mkdir(parents=True)
+    tokenizer = write_stand_in_tokenizer(directory)
+    if config.text.vocab_size < tokenizer.get_vocab_size():
+        raise InputError(f"--config {config_file}: vocab_size {config.text.vocab_size} is smaller than the stand-in "
+                         f"tokenizer's {tokenizer.get_vocab_size()} tokens: raise it")
+    tile = config.vision.image_size
+    (directory / "preprocessor_config.json").write_text(json.dumps({
+        "size": {"longest_edge": 4 * tile}, "max_image_size": {"longest_edge": tile},
+        "video_sampling": {"fps": 1, "max_frames": 64, "video_size": {"longest_edge": tile}}}))
+    torch.manual_seed(seed)
+    teacher = VLM(replace(config, image_token_id=tokenizer.token_to_id(IMAGE_TOKEN)))
+    save_model(teacher, directory, source=directory)
+    return teacher
+
+
+def smoke(args: argparse.Namespace) -> dict:
+    """--smoke: build a random-weight teacher of --config's sizes and its converted student in a temporary
+    directory, run stage 1 on them as `--stage 1 --student S --teacher T` would (every other flag as
+    given), and print the first step's time (compilation and warm-up included), the time per step
+    after it, and the peak memory. Returns the stage's result."""
+    cfg = stage_config(args)
+    device = check_device(args.device)
+    with tempfile.TemporaryDirectory(prefix="linmu-smoke-") as tmp:
+        teacher = write_random_teacher(Path(tmp) / "teacher", Path(args.config), cfg.seed)
+        student = convert_to_linmu(teacher)
+        save_model(student, Path(tmp) / "student", source=Path(tmp) / "teacher")
+        millions = lambda model: sum(p.numel() for p in model.parameters()) / 1e6
+        print(f"smoke: random-weight teacher of {args.config}'s sizes ({millions(teacher):.1f}M parameters) and its "
+              f"LinMU student ({millions(student):.1f}M) in {tmp} (removed afterwards); stage 1 on {device}, "
+              f"{'bf16 autocast' if device.type == 'cuda' else 'float32'}, "
+              f"{'compiled' if cfg.compile else 'eager'}, batch {cfg.batch_size} x {cfg.grad_accum}", flush=True)
+        del teacher, student
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        result = run_stage(argparse.Namespace(**{**vars(args), "student": str(Path(tmp) / "student"),
+                                                 "teacher": str(Path(tmp) / "teacher"), "out": str(Path(tmp) / "out")}))
+    first, *rest = result["step_seconds"]
+    if len(rest) > 1:
+        after = (f"then {statistics.median(rest):.3f} s per step (median of {len(rest)}, "
+                 f"{min(rest):.3f} to {max(rest):.3f} s)")
+    else:
+        after = f"then {rest[0]:.3f} s for the second step" if rest else "no later step to time (--steps 2 or more)"
+    print(f"smoke: first step {first:.2f} s (compilation and warm-up included), {after}")
+    if device.type == "cuda":
+        peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (torch.cuda.max_memory_allocated " \
+               "while loading both models and running the stage)"
+    else:
+        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (the process's peak " \
+               "resident set, ru_maxrss, building the checkpoints included: a CPU has no allocator statistics)"
+    print(f"smoke: peak memory {peak}")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -418,7 +491,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 description="LinMU distillation, one stage per run: 1 trains Flex-MA alone, 2 adds "
                                             "Local-Swin, 3 fine-tunes the MLPs and connector through LoRA.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--stage", type=int, choices=[1, 2, 3], required=True, help="which distillation stage to run")
+    p.add_argument("--stage", type=int, choices=[1, 2, 3], help="which distillation stage to run (required "
+                                                                 "except with --smoke, which runs stage 1)")
     p.add_argument("--student", help=f"checkpoint the stage starts from (default: {DEFAULT_STUDENT} for stage 1, "
                                      "OUT/stage{N-1} after)")
     p.add_argument("--teacher", default=DEFAULT_TEACHER, help="the frozen teacher: Hub repo id or local directory")
@@ -427,7 +501,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                   "\"response\": optional}; default: a synthetic set generated in-process")
     p.add_argument("--synthetic-samples", type=int, default=48, help="size of the synthetic set when --data is not given")
     p.add_argument("--eval-samples", type=int, default=4, help="samples held out for evaluation")
-    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
+    p.add_argument("--steps", type=int, help=f"optimizer steps ({d.steps}; {SMOKE_STEPS} with --smoke)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per micro-batch")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default per stage: {STAGE_LR})")
@@ -451,7 +525,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=d.seed, help="seed for data order, synthetic data and LoRA init")
     p.add_argument("--device", default=default_device(), help="torch device")
     p.add_argument("--resume", action="store_true", help="continue OUT/stageN from its trainer.pt")
+    p.add_argument("--smoke", action="store_true",
+                   help="check that stage 1 runs on this machine at full size, with no download: build a teacher "
+                        "with random weights of --config's sizes (a stand-in tokenizer) and its LinMU student in a "
+                        "temporary directory, run --steps steps of stage 1 on them with the other flags as given, "
+                        "and print the first step's time (compilation included), the time per step after it and "
+                        "the peak memory")
+    p.add_argument("--config", default=str(SMOKE_CONFIG), help="--smoke: the teacher's config.json")
     args = p.parse_args(argv)
+    if args.smoke:
+        if (args.stage not in (None, 1) or args.student or args.resume or args.teacher != DEFAULT_TEACHER
+                or args.out != DEFAULT_OUT):
+            raise InputError("--smoke runs stage 1 on checkpoints it builds in a temporary directory: drop --stage, "
+                             "--student, --teacher, --out and --resume")
+        args.stage = 1
+    elif args.stage is None:
+        p.error("the following arguments are required: --stage (or --smoke)")
+    args.steps = args.steps if args.steps is not None else SMOKE_STEPS if args.smoke else d.steps
     check_device(args.device)
     check_bounds(args, at_least={"steps": 1, "batch_size": 1, "grad_accum": 1, "warmup": 0, "weight_decay": 0,
                                  "hidden_weight": 0, "kl_weight": 0, "lora_rank": 1, "eval_every": 0, "save_every": 0,
@@ -502,8 +592,10 @@ def run_stage(args: argparse.Namespace) -> dict:
 
 @user_errors("distill.py", DivergenceError)
 def main(argv: list[str] | None = None) -> dict:
-    """Run the stage the flags name and return its result (train_stage's)."""
+    """Run the stage the flags name (or the --smoke check) and return its result (train_stage's)."""
     args = parse_args(argv)
+    if args.smoke:
+        return smoke(args)
     result = run_stage(args)
     print(f"stage {args.stage} done: held-out hidden cosine {result['cosine']:.4f}, KL {result['kl']:.4f}, "
           f"top-1 agreement {result['top1']:.3f}; student written to {Path(args.out) / f'stage{args.stage}'}")

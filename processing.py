@@ -38,7 +38,7 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 import torchvision
-from tokenizers import Tokenizer
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
@@ -521,3 +521,33 @@ class Processor:
         """Token ids (a list or a 1-D tensor) back to text."""
         return self.tokenizer.decode(ids.tolist() if isinstance(ids, Tensor) else list(ids),
                                      skip_special_tokens=skip_special_tokens)
+
+
+# ----------------------------------------------------------------------------------------------
+# A stand-in tokenizer, for checkpoints with random weights (distill.py --smoke, the tests)
+
+STAND_IN_SPECIAL_TOKENS = (["<|endoftext|>", "<|im_start|>", "<|im_end|>", GLOBAL_IMAGE_TOKEN]
+                           + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+                           + [FAKE_IMAGE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE])
+
+
+def write_stand_in_tokenizer(directory: Path) -> Tokenizer:
+    """Write a stand-in for SmolVLM2's tokenizer (tokenizer.json, tokenizer_config.json) and return it.
+
+    Byte-level BPE without merges, one token per byte of text, plus SmolVLM2's special tokens: chats,
+    images and videos become the same token layout as with the real tokenizer, with more text tokens.
+    Its 299 ids fit any decoder whose vocab_size is at least that.
+    """
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in STAND_IN_SPECIAL_TOKENS])
+    tokenizer.save(str(Path(directory) / "tokenizer.json"))
+    (Path(directory) / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|im_start|>", "eos_token": END_OF_UTTERANCE, "pad_token": "<|im_end|>",
+        "unk_token": "<|endoftext|>", "clean_up_tokenization_spaces": False,
+        "extra_special_tokens": {"end_of_utterance_token": END_OF_UTTERANCE, "fake_image_token": FAKE_IMAGE_TOKEN,
+                                 "global_image_token": GLOBAL_IMAGE_TOKEN, "image_token": IMAGE_TOKEN},
+        "processor_class": "SmolVLMProcessor", "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return tokenizer

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import random
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
@@ -866,10 +867,6 @@ def test_convert_gives_one_line_errors(model, message, tmp_path, monkeypatch, ca
 # 7. Input preparation (processing.py), against transformers' own SmolVLMProcessor
 
 
-SPECIAL_TOKENS = (["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<global-img>"]
-                  + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
-                  + ["<fake_token_around_image>", "<image>", "<end_of_utterance>"])
-
 # SmolVLM2-256M-Video-Instruct's preprocessor_config.json and processor_config.json values.
 PREPROCESSOR_CONFIG = {
     "do_convert_rgb": True, "do_image_splitting": True, "do_normalize": True, "do_pad": True,
@@ -882,22 +879,8 @@ PREPROCESSOR_CONFIG = {
 
 
 def write_checkpoint(directory, processor_config=True):
-    """A tiny SmolVLM2-style checkpoint folder: byte-level tokenizer plus the real processor configs."""
-    vocab = {}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    tokenizer.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<|im_start|>", "eos_token": "<end_of_utterance>", "pad_token": "<|im_end|>",
-        "unk_token": "<|endoftext|>", "clean_up_tokenization_spaces": False,
-        "extra_special_tokens": {"end_of_utterance_token": "<end_of_utterance>",
-                                 "fake_image_token": "<fake_token_around_image>",
-                                 "global_image_token": "<global-img>", "image_token": "<image>"},
-        "processor_class": "SmolVLMProcessor", "tokenizer_class": "PreTrainedTokenizerFast"}))
+    """A tiny SmolVLM2-style checkpoint folder: the stand-in byte-level tokenizer plus the real processor configs."""
+    P.write_stand_in_tokenizer(directory)
     (directory / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG))
     if processor_config:
         (directory / "processor_config.json").write_text(
@@ -1425,7 +1408,7 @@ def test_student_agreement_with_the_teacher_rises_across_the_stages():
 
 
 # ----------------------------------------------------------------------------------------------
-# 11. Where users run it: the LANCZOS fallback, one line for every input mistake
+# 11. Where users run it: the LANCZOS fallback, one line for every input mistake, the smoke run
 
 
 def lanczos_difference(monkeypatch, resize, *args):
@@ -1478,8 +1461,9 @@ def mistakes(tmp_path_factory, tiny_hub):
              "no_prompt": '{"image": "image.png"}', "missing_image": '{"image": "nope.png", "prompt": "What?"}'}
     for name, text in lines.items():
         (root / f"{name}.jsonl").write_text(text)
+    (root / "small_vocab.json").write_text(json.dumps(BENCH_TINY))  # 100 ids: fewer than the stand-in tokenizer's
     files = {"image": "image.png", "bad_image": "bad.png", "empty": "empty", "bad_frames": "frames", "clip": "clip.mp4",
-             **{name: f"{name}.jsonl" for name in lines}}
+             "small_vocab": "small_vocab.json", **{name: f"{name}.jsonl" for name in lines}}
     return {"teacher": tiny_hub, "student": student, "truncated": truncated, "missing": root / "missing",
             **{name: root / file for name, file in files.items()}}
 
@@ -1532,6 +1516,12 @@ MISTAKES = [  # (command, flags, what the error line says); {name} is a path of 
                  id="distill-no-prompt"),
     pytest.param("distill.py", [*STAGE, "--data", "{missing_image}"], "missing_image.jsonl:1:",
                  id="distill-missing-image-in-data"),
+    pytest.param("distill.py", ["--smoke", "--teacher", "{teacher}"], "--smoke runs stage 1",
+                 id="distill-smoke-with-a-teacher"),
+    pytest.param("distill.py", ["--smoke", "--config", "{student}/config.json"], "where a SmolVLM2 teacher is needed",
+                 id="distill-smoke-student-config"),
+    pytest.param("distill.py", ["--smoke", "--config", "{small_vocab}"], "smaller than the stand-in tokenizer",
+                 id="distill-smoke-small-vocabulary"),
     pytest.param("bench.py", ["--model", "{teacher}", *BENCH_OUT], "where a LinMU student is needed",
                  id="bench-teacher-as-student"),
     pytest.param("bench.py", ["--model", "{student}", "--teacher", "{student}", *BENCH_OUT],
@@ -1575,3 +1565,20 @@ def test_a_programming_error_inside_the_library_keeps_its_traceback(tiny_hub, mo
     monkeypatch.setattr(convert, "convert_to_linmu", broken)
     with pytest.raises(ValueError, match="a bug"):
         convert.main(["--model", str(tiny_hub), "--out", "unused"])
+
+
+def test_smoke_run_builds_converts_and_times_stage_one_at_a_tiny_size(tmp_path, capsys):
+    """`distill.py --smoke` at a tiny size: the same code as the full-size run on a GPU machine."""
+    import distill
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**BENCH_TINY, "text_config": {**BENCH_TINY["text_config"], "vocab_size": 320}}))
+    result = distill.main(["--smoke", "--config", str(config), "--steps", "3", "--synthetic-samples", "8",
+                           "--device", "cpu", "--no-compile"])
+    printed = capsys.readouterr().out
+    assert len(result["step_seconds"]) == len(result["losses"]) == 3 and all(math.isfinite(x) for x in result["losses"])
+    assert "stage 1 on cpu, float32, eager, batch 2 x 1" in printed
+    assert re.search(r"first step [\d.]+ s \(compilation and warm-up included\), then [\d.]+ s per step \(median of 2",
+                     printed)
+    assert "peak memory" in printed and "ru_maxrss" in printed
+    assert not Path(re.search(r" in (\S+) \(removed afterwards\)", printed)[1]).exists()
