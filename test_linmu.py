@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from torch import nn
@@ -908,18 +909,21 @@ def reference(checkpoint):
 
 
 GREY_LEVEL = 2 / 255  # one uint8 step, after normalizing with mean = std = 0.5
+# Whether this torchvision resizes tensors with LANCZOS, whatever a test forces processing.py to do.
+# Without it, transformers' torchvision-backed processor (the reference) resamples with BICUBIC instead.
+TORCHVISION_LANCZOS = tuple(int(part) for part in torchvision.__version__.split(".")[:2]) >= (0, 27)
 
 
 @pytest.fixture(params=["torchvision", "PIL"])
 def lanczos(request, monkeypatch):
-    """Each LANCZOS resize in turn: torchvision's on tensors (where this torchvision has it) and PIL's, forced.
+    """Each LANCZOS resize in turn, forced: torchvision's on tensors, and PIL's (processing.py's fallback).
 
     Returns the grey levels processed pixels may differ from torchvision's by: 0, or 3 for PIL (2 per
     resize, 3 through the processor's two or three resizes in a row: both measured in
     test_pil_lanczos_stays_within_two_grey_levels_of_torchvision).
     """
-    if request.param == "torchvision" and not P.TENSOR_LANCZOS:
-        pytest.skip("this torchvision cannot resize tensors with LANCZOS")
+    if not TORCHVISION_LANCZOS:
+        pytest.skip("torchvision < 0.27: transformers' processor, the reference, resamples with BICUBIC, not LANCZOS")
     monkeypatch.setattr(P, "TENSOR_LANCZOS", request.param == "torchvision")
     return 0 if request.param == "torchvision" else 3
 
@@ -1419,7 +1423,7 @@ def lanczos_difference(monkeypatch, resize, *args):
     return (ours.int() - resize(*args).int()).abs()
 
 
-@pytest.mark.skipif(not P.TENSOR_LANCZOS, reason="this torchvision cannot resize tensors with LANCZOS: no reference")
+@pytest.mark.skipif(not TORCHVISION_LANCZOS, reason="this torchvision cannot resize tensors with LANCZOS: no reference")
 def test_pil_lanczos_stays_within_two_grey_levels_of_torchvision(monkeypatch):
     """The fallback for torchvision < 0.27, forced, against torchvision's LANCZOS on tensors. Measured here
     (torchvision 0.29): at most 2 grey levels per resize with under 1% of the values differing, and at most 3
