@@ -53,8 +53,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from linmu import (VLM, PromptPlan, TokenLayout, VLMConfig, compile_model, convert_to_linmu, decoder, load_model,
-                   tuning)
+from linmu import (VLM, InputError, PromptPlan, TokenLayout, VLMConfig, check_bounds, check_checkpoint, check_device,
+                   compile_model, convert_to_linmu, decoder, load_model, resolve_checkpoint, tuning, user_errors)
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "smolvlm2-256m.json"
 PREFIX_TOKENS, QUESTION_TOKENS = 16, 8  # chat template and system text before, the question after
@@ -68,7 +68,7 @@ DEFAULTS = {
     "cpu": dict(frames="16,64,128,256", lengths="4096,16384", mixer_lengths="4096,8192,16384,32768", layers=2,
                 vision_frames=1, new_tokens=16, batch=8, variants="eager"),
     "cuda": dict(frames="16,64,256,512,1024", lengths="8192,32768,65536", mixer_lengths="16384,65536,131072",
-                 layers=0, vision_frames=1024, new_tokens=64, batch=8, variants="eager,compile"),
+                 layers=0, vision_frames=1024, new_tokens=32, batch=8, variants="eager,compile"),
 }
 
 
@@ -135,34 +135,33 @@ def keep_layers(model: VLM, layers: int) -> VLM:
     """Keep the first `layers` decoder layers (all when 0)."""
     total = len(decoder_layers(model))
     if layers > total:
-        raise SystemExit(f"bench.py: error: --layers {layers} but the model has {total} decoder layers")
+        raise InputError(f"--layers {layers} but the model has {total} decoder layers")
     if layers:
         model.model.text_model.layers = decoder_layers(model)[:layers]
     return model
 
 
+@user_errors("bench.py")
 def build_models(args, device: torch.device, dtype: torch.dtype) -> tuple[VLM, VLM, str]:
     """The (teacher, student) pair the flags describe, in eval mode on the device, and where they came from."""
+    for flag, kind in (("model", "student"), ("teacher", "teacher")):  # both, before either is loaded
+        if getattr(args, flag) is not None:
+            check_checkpoint(resolve_checkpoint(getattr(args, flag)), expect=kind)
     if args.model is not None:
         student = load_model(args.model, device, dtype)
-        if student.config.linmu is None:
-            raise SystemExit(f"bench.py: error: --model {args.model} is not a LinMU checkpoint (its config.json has "
-                             "no 'linmu' entry): convert it with convert.py first, or pass it as --teacher")
         config = replace(student.config, linmu=None)
         source = f"student {args.model}"
     else:
         try:
             config = VLMConfig.from_hf_dict(json.loads(Path(args.config).read_text()))
         except (OSError, json.JSONDecodeError, TypeError, ValueError) as error:
-            raise SystemExit(f"bench.py: error: --config {args.config}: {error}") from None
+            raise InputError(f"--config {args.config}: {error}") from None
         if config.linmu is not None:
-            raise SystemExit(f"bench.py: error: --config {args.config} describes a LinMU student: give the "
+            raise InputError(f"--config {args.config} describes a LinMU student: give the "
                              "teacher's config, or the student's checkpoint directory as --model")
         student, source = None, f"random weights, {Path(args.config).name}"
     if args.teacher is not None:
         teacher = load_model(args.teacher, device, dtype)
-        if teacher.config.linmu is not None:
-            raise SystemExit(f"bench.py: error: --teacher {args.teacher} is a LinMU student, not an attention model")
         source += f", teacher {args.teacher}"
     else:
         torch.manual_seed(0)
@@ -529,6 +528,7 @@ def variants_arg(text: str) -> list[str]:
     return values
 
 
+@user_errors("bench.py")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0] + " Defaults depend on the device "
                                      "(shown as cpu / cuda); see the module docstring for what is measured.",
@@ -582,23 +582,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="PNG of TTFT and throughput against video length, when matplotlib is installed "
                              "(default: %(default)s)")
     args = parser.parse_args(argv)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but CUDA is not available here")
+    device = check_device(args.device)
     defaults = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, int_list(value) if name in ("frames", "lengths", "mixer_lengths") else
                     variants_arg(value) if name == "variants" else value)
-    for name in ("threads", "new_tokens", "batch", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("layers", "vision_frames", "warmup"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be 0 or more")
+    check_bounds(args, at_least={"threads": 1, "new_tokens": 1, "batch": 1, "repeats": 1,
+                                 "layers": 0, "vision_frames": 0, "warmup": 0})
     args.device = device
     return args
 

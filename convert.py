@@ -15,7 +15,8 @@ from dataclasses import fields
 
 import torch
 
-from linmu import MixerConfig, convert_to_linmu, load_model, resolve_checkpoint, save_model
+from linmu import (MixerConfig, check_bounds, check_checkpoint, convert_to_linmu, load_model, resolve_checkpoint,
+                   save_model, user_errors)
 
 DEFAULT_TEACHER = "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"
 DEFAULT_STUDENT = "checkpoints/linmu-smolvlm2-256m"
@@ -28,10 +29,13 @@ MIXER_HELP = {
     "text_window": "tokens a text token attends to (itself included)",
     "branches": "M-MATE branches: both, flex or swin",
 }
+BRANCHES = ["both", "flex", "swin"]
 
 
+@user_errors("convert.py")
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Convert a SmolVLM2 teacher into a LinMU student whose decoder "
+    parser = argparse.ArgumentParser(prog="convert.py",
+                                     description="Convert a SmolVLM2 teacher into a LinMU student whose decoder "
                                                  "self-attention layers are M-MATE layers initialized from them.")
     parser.add_argument("--model", default=DEFAULT_TEACHER,
                         help="teacher: Hub repo id or local checkpoint directory (default: %(default)s)")
@@ -40,16 +44,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="dtype of the written weights (default: %(default)s)")
     for field in fields(MixerConfig):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default,
+                            choices=BRANCHES if field.name == "branches" else None,
                             help=f"{MIXER_HELP[field.name]} (default: %(default)s)")
     args = parser.parse_args(argv)
-    if args.branches not in ("both", "flex", "swin"):
-        parser.error(f"--branches must be both, flex or swin, not {args.branches!r}")
+    check_bounds(args, at_least={f.name: 1 for f in fields(MixerConfig) if f.name != "branches"})
 
-    try:
-        source = resolve_checkpoint(args.model)
-        teacher = load_model(source, "cpu", getattr(torch, args.dtype))
-    except (FileNotFoundError, ConnectionError, PermissionError, ValueError) as error:
-        parser.exit(2, f"convert.py: error: {error}\n")
+    source = resolve_checkpoint(args.model)
+    check_checkpoint(source, expect="teacher")
+    teacher = load_model(source, "cpu", getattr(torch, args.dtype))
     mixer = MixerConfig(**{f.name: getattr(args, f.name) for f in fields(MixerConfig)})
     student = convert_to_linmu(teacher, mixer)
     out = save_model(student, args.out, source=source)

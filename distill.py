@@ -34,8 +34,11 @@ import copy
 import json
 import math
 import random
+import resource
+import statistics
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -44,10 +47,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from convert import DEFAULT_STUDENT, DEFAULT_TEACHER
-from linmu import (VLM, TokenLayout, add_lora, default_device, load_model, merge_lora, resolve_checkpoint,
-                   save_model, trainable_parameters)
+from linmu import (VLM, InputError, TokenLayout, add_lora, check_bounds, check_checkpoint, check_device,
+                   compile_model, convert_to_linmu, default_device, load_model, merge_lora, read_config,
+                   resolve_checkpoint, save_model, trainable_parameters, user_errors)
 
 DEFAULT_OUT = "checkpoints/distill"
+SMOKE_CONFIG = Path(__file__).parent / "configs" / "smolvlm2-256m.json"
+SMOKE_STEPS = 5
 LORA_TARGETS = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "modality_projection.proj"]
 STAGE_LR = {1: 1e-3, 2: 5e-4, 3: 2e-4}
 Batch = dict  # input_ids (B, L), attention_mask (B, L), pixel_values, pixel_attention_mask, grids
@@ -99,7 +105,7 @@ def prepare_stage(student: VLM, cfg: DistillConfig) -> dict[str, torch.nn.Parame
     """
     branches = cfg.branches or ("flex" if cfg.stage == 1 else "both")
     if cfg.stage == 1 and branches != "flex":
-        raise ValueError("stage 1 trains Flex-MA alone: leave --branches unset or set it to flex")
+        raise InputError("stage 1 trains Flex-MA alone: leave --branches unset or set it to flex")
     student.requires_grad_(False)
     for layer in student.model.text_model.layers:
         mixer = layer.self_attn
@@ -226,7 +232,7 @@ def restore_checkpoint(out_dir: Path, params: dict, optimizer, scheduler) -> int
         raise FileNotFoundError(f"--resume: no {path}; run the stage without --resume first")
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state["trained"].keys() != params.keys():
-        raise ValueError(f"--resume: {path} trained other parameters than this stage; check --stage and --branches")
+        raise InputError(f"--resume: {path} trained other parameters than this stage; check --stage and --branches")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(state["trained"][name])
@@ -247,17 +253,17 @@ def train_stage(student: VLM, teacher: VLM, batch_at: Callable[[int], Batch], ev
     batch_at(i) gives micro-batch i (the same i always gives the same batch, so a resumed run sees
     the data the interrupted one would have). Evaluates every cfg.eval_every steps and at the end,
     saves every cfg.save_every steps and at the end (if out_dir). Returns the last evaluation with
-    the training-loss history.
+    the training-loss history and each step's seconds (its batches, forward, backward and update).
     """
     params = prepare_stage(student, cfg)
     optimizer = make_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(cfg))
     first = restore_checkpoint(out_dir, params, optimizer, scheduler) if resume else 0
-    if cfg.compile:
-        for layer in student.model.text_model.layers:
-            layer.compile()
+    if cfg.compile:  # whole layers with dynamic shapes: one compilation serves every batch's length
+        for model in (student, teacher):
+            compile_model(model)
     on_cuda = next(student.parameters()).device.type == "cuda"
-    history = []
+    history, step_seconds = [], []
     bar = tqdm(range(first, cfg.steps), initial=first, total=cfg.steps, desc=f"stage {cfg.stage}")
     student.train()
     for step in bar:
@@ -277,6 +283,9 @@ def train_stage(student: VLM, teacher: VLM, batch_at: Callable[[int], Batch], ev
         optimizer.step()
         scheduler.step()
         history.append(loss.item())
+        step_seconds.append(time.perf_counter() - started)
+        if cfg.compile and step == first:
+            log(f"stage {cfg.stage}: the first step took {step_seconds[0]:.1f} s, torch.compile's compilation included")
         bar.set_postfix(loss=f"{loss.item():.4f}", hidden=f"{parts['hidden']:.4f}", kl=f"{parts['kl']:.4f}",
                         tok_s=f"{tokens / (time.perf_counter() - started):.0f}")
         last = step + 1 == cfg.steps
@@ -292,7 +301,7 @@ def train_stage(student: VLM, teacher: VLM, batch_at: Callable[[int], Batch], ev
     final = evaluate(student, teacher, eval_batches) if eval_batches else {}
     if final:
         report(cfg.stage, cfg.steps, final, log)
-    return {**final, "losses": history}
+    return {**final, "losses": history, "step_seconds": step_seconds}
 
 
 def report(stage: int, step: int, metrics: dict, log: Callable[[str], None]) -> None:
@@ -307,7 +316,8 @@ def report(stage: int, step: int, metrics: dict, log: Callable[[str], None]) -> 
 def read_jsonl(path: str | Path) -> list[dict]:
     """One JSON object per line: {"image": path} or {"images": [paths]} or {"video": path (a file, or
     a folder of frames)}, with "prompt": the user's text and, optionally, "response": the assistant's
-    answer (distilled too when given). Relative paths are relative to the JSONL file's folder."""
+    answer (distilled too when given). Relative paths are relative to the JSONL file's folder.
+    InputError, naming the line, for a line that is not such an object or names a missing file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--data {path} does not exist: give a JSONL file of samples (see distill.py --help)")
@@ -318,16 +328,23 @@ def read_jsonl(path: str | Path) -> list[dict]:
         try:
             sample = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
-        if "prompt" not in sample:
-            raise ValueError(f"{path}:{number}: a sample needs a \"prompt\"")
+            raise InputError(f"{path}:{number}: not JSON ({error.msg})") from None
+        if not isinstance(sample, dict) or not isinstance(sample.get("prompt"), str):
+            raise InputError(f"{path}:{number}: a sample is a JSON object with a \"prompt\" string")
         images = sample.get("images", [sample["image"]] if "image" in sample else [])
+        if not (isinstance(images, list) and all(isinstance(v, str) for v in images)
+                and all(isinstance(sample.get(key, ""), str) for key in ("video", "response"))):
+            raise InputError(f"{path}:{number}: \"image\", \"video\" and \"response\" are strings, "
+                             "\"images\" a list of strings")
         sample["images"] = [path.parent / p for p in images]
         if "video" in sample:
             sample["video"] = path.parent / sample["video"]
+        for file in sample["images"] + ([sample["video"]] if "video" in sample else []):
+            if not file.exists():
+                raise InputError(f"{path}:{number}: {file} does not exist (paths are relative to the JSONL file)")
         samples.append(sample)
     if not samples:
-        raise ValueError(f"{path} holds no samples")
+        raise InputError(f"{path} holds no samples")
     return samples
 
 
@@ -399,15 +416,85 @@ class SampleBatches:
 
 
 # ----------------------------------------------------------------------------------------------
+# A full-size smoke run on random weights (--smoke): does stage 1 run here, how fast, in how much memory?
+
+
+def write_random_teacher(directory: Path, config_file: Path, seed: int) -> VLM:
+    """A SmolVLM2 teacher of a config.json's sizes with random weights, written in the Hub layout (no download).
+
+    With the stand-in tokenizer (processing.write_stand_in_tokenizer; the config's image_token_id
+    becomes its <image> id) and a preprocessor config scaled to the config's tile, as SmolVLM2-256M's
+    is to its 512 px: images resized to 4 tiles on their longest edge, video frames to one tile.
+    """
+    from processing import IMAGE_TOKEN, write_stand_in_tokenizer
+
+    config = read_config(config_file, expect="teacher")
+    directory.mkdir(parents=True)
+    tokenizer = write_stand_in_tokenizer(directory)
+    if config.text.vocab_size < tokenizer.get_vocab_size():
+        raise InputError(f"--config {config_file}: vocab_size {config.text.vocab_size} is smaller than the stand-in "
+                         f"tokenizer's {tokenizer.get_vocab_size()} tokens: raise it")
+    tile = config.vision.image_size
+    (directory / "preprocessor_config.json").write_text(json.dumps({
+        "size": {"longest_edge": 4 * tile}, "max_image_size": {"longest_edge": tile},
+        "video_sampling": {"fps": 1, "max_frames": 64, "video_size": {"longest_edge": tile}}}))
+    torch.manual_seed(seed)
+    teacher = VLM(replace(config, image_token_id=tokenizer.token_to_id(IMAGE_TOKEN)))
+    save_model(teacher, directory, source=directory)
+    return teacher
+
+
+def smoke(args: argparse.Namespace) -> dict:
+    """--smoke: build a random-weight teacher of --config's sizes and its converted student in a temporary
+    directory, run stage 1 on them as `--stage 1 --student S --teacher T` would (every other flag as
+    given), and print the first step's time (compilation and warm-up included), the time per step
+    after it, and the peak memory. Returns the stage's result."""
+    cfg = stage_config(args)
+    device = check_device(args.device)
+    with tempfile.TemporaryDirectory(prefix="linmu-smoke-") as tmp:
+        teacher = write_random_teacher(Path(tmp) / "teacher", Path(args.config), cfg.seed)
+        student = convert_to_linmu(teacher)
+        save_model(student, Path(tmp) / "student", source=Path(tmp) / "teacher")
+        millions = lambda model: sum(p.numel() for p in model.parameters()) / 1e6
+        print(f"smoke: random-weight teacher of {args.config}'s sizes ({millions(teacher):.1f}M parameters) and its "
+              f"LinMU student ({millions(student):.1f}M) in {tmp} (removed afterwards); stage 1 on {device}, "
+              f"{'bf16 autocast' if device.type == 'cuda' else 'float32'}, "
+              f"{'compiled' if cfg.compile else 'eager'}, batch {cfg.batch_size} x {cfg.grad_accum}", flush=True)
+        del teacher, student
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        result = run_stage(argparse.Namespace(**{**vars(args), "student": str(Path(tmp) / "student"),
+                                                 "teacher": str(Path(tmp) / "teacher"), "out": str(Path(tmp) / "out")}))
+    first, *rest = result["step_seconds"]
+    if len(rest) > 1:
+        after = (f"then {statistics.median(rest):.3f} s per step (median of {len(rest)}, "
+                 f"{min(rest):.3f} to {max(rest):.3f} s)")
+    else:
+        after = f"then {rest[0]:.3f} s for the second step" if rest else "no later step to time (--steps 2 or more)"
+    print(f"smoke: first step {first:.2f} s (compilation and warm-up included), {after}")
+    if device.type == "cuda":
+        peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (torch.cuda.max_memory_allocated " \
+               "while loading both models and running the stage)"
+    else:
+        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (the process's peak " \
+               "resident set, ru_maxrss, building the checkpoints included: a CPU has no allocator statistics)"
+    print(f"smoke: peak memory {peak}")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The flags, checked: InputError for a value no stage can run with."""
     d = DistillConfig()
-    p = argparse.ArgumentParser(description="LinMU distillation, one stage per run: 1 trains Flex-MA alone, 2 adds "
+    p = argparse.ArgumentParser(prog="distill.py",
+                                description="LinMU distillation, one stage per run: 1 trains Flex-MA alone, 2 adds "
                                             "Local-Swin, 3 fine-tunes the MLPs and connector through LoRA.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--stage", type=int, choices=[1, 2, 3], required=True, help="which distillation stage to run")
+    p.add_argument("--stage", type=int, choices=[1, 2, 3], help="which distillation stage to run (required "
+                                                                 "except with --smoke, which runs stage 1)")
     p.add_argument("--student", help=f"checkpoint the stage starts from (default: {DEFAULT_STUDENT} for stage 1, "
                                      "OUT/stage{N-1} after)")
     p.add_argument("--teacher", default=DEFAULT_TEACHER, help="the frozen teacher: Hub repo id or local directory")
@@ -416,7 +503,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                   "\"response\": optional}; default: a synthetic set generated in-process")
     p.add_argument("--synthetic-samples", type=int, default=48, help="size of the synthetic set when --data is not given")
     p.add_argument("--eval-samples", type=int, default=4, help="samples held out for evaluation")
-    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
+    p.add_argument("--steps", type=int, help=f"optimizer steps ({d.steps}; {SMOKE_STEPS} with --smoke)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per micro-batch")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default per stage: {STAGE_LR})")
@@ -440,53 +527,84 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=d.seed, help="seed for data order, synthetic data and LoRA init")
     p.add_argument("--device", default=default_device(), help="torch device")
     p.add_argument("--resume", action="store_true", help="continue OUT/stageN from its trainer.pt")
-    return p.parse_args(argv)
+    p.add_argument("--smoke", action="store_true",
+                   help="check that stage 1 runs on this machine at full size, with no download: build a teacher "
+                        "with random weights of --config's sizes (a stand-in tokenizer) and its LinMU student in a "
+                        "temporary directory, run --steps steps of stage 1 on them with the other flags as given, "
+                        "and print the first step's time (compilation included), the time per step after it and "
+                        "the peak memory")
+    p.add_argument("--config", default=str(SMOKE_CONFIG), help="--smoke: the teacher's config.json")
+    args = p.parse_args(argv)
+    if args.smoke:
+        if (args.stage not in (None, 1) or args.student or args.resume or args.teacher != DEFAULT_TEACHER
+                or args.out != DEFAULT_OUT):
+            raise InputError("--smoke runs stage 1 on checkpoints it builds in a temporary directory: drop --stage, "
+                             "--student, --teacher, --out and --resume")
+        args.stage = 1
+    elif args.stage is None:
+        p.error("the following arguments are required: --stage (or --smoke)")
+    args.steps = args.steps if args.steps is not None else SMOKE_STEPS if args.smoke else d.steps
+    check_device(args.device)
+    check_bounds(args, at_least={"steps": 1, "batch_size": 1, "grad_accum": 1, "warmup": 0, "weight_decay": 0,
+                                 "hidden_weight": 0, "kl_weight": 0, "lora_rank": 1, "eval_every": 0, "save_every": 0,
+                                 "eval_samples": 1, "synthetic_samples": 1},
+                 above={"lr": 0, "clip": 0, "temperature": 0})
+    return args
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def stage_config(args: argparse.Namespace) -> DistillConfig:
+    """The DistillConfig of the flags; --compile defaults to on for CUDA, off elsewhere."""
+    return DistillConfig(**{k: getattr(args, k) for k in DistillConfig.__dataclass_fields__ if k != "compile"},
+                         compile=args.compile if args.compile is not None else args.device.startswith("cuda"))
+
+
+def run_stage(args: argparse.Namespace) -> dict:
+    """One stage as the flags say: the checkpoints' configs and the data are checked before any weight
+    is loaded, then train_stage runs and writes OUT/stageN. Returns train_stage's result."""
     from processing import Processor
 
-    cfg = DistillConfig(**{k: getattr(args, k) for k in DistillConfig.__dataclass_fields__ if k != "compile"},
-                        compile=args.compile if args.compile is not None else args.device.startswith("cuda"))
+    cfg = stage_config(args)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     init = Path(args.student or (DEFAULT_STUDENT if cfg.stage == 1 else Path(args.out) / f"stage{cfg.stage - 1}"))
     if not (init / "config.json").is_file():
         make = "python convert.py" if cfg.stage == 1 else f"python distill.py --stage {cfg.stage - 1} --out {args.out}"
-        raise SystemExit(f"distill.py: error: no student checkpoint at {init}: create it with `{make}` "
-                         "(or pass --student)")
-    try:
-        student = load_model(init, args.device)
-        if student.config.linmu is None:
-            raise ValueError(f"{init} is not a LinMU student (its config.json has no \"linmu\" entry): "
-                             f"convert it with `python convert.py --model {init}`")
-        teacher = load_model(resolve_checkpoint(args.teacher), args.device).requires_grad_(False)
-        if teacher.config.text != student.config.text:
-            raise ValueError(f"the teacher {args.teacher} has other decoder sizes than the student {init}: "
-                             "pass the --teacher it was converted from")
-        processor = Processor.from_pretrained(init)
-        if args.data:
-            samples = read_jsonl(args.data)
-        else:
-            samples = synthetic_samples(args.synthetic_samples, cfg.seed)
-            tqdm.write(f"no --data given: distilling on {len(samples)} synthetic samples generated in-process "
-                       "(procedural images and videos; pass --data for real ones)")
-        if len(samples) <= args.eval_samples:
-            raise ValueError(f"{len(samples)} samples cannot spare {args.eval_samples} for evaluation: "
-                             "give more samples or lower --eval-samples")
-        held_out = SampleBatches(samples[:args.eval_samples], processor, cfg.batch_size, cfg.seed, args.device, shuffle=False)
-        batches = SampleBatches(samples[args.eval_samples:], processor, cfg.batch_size, cfg.seed, args.device)
-        out_dir = Path(args.out) / f"stage{cfg.stage}"
-        result = train_stage(student, teacher, batches, [held_out(i) for i in range(len(held_out))], cfg,
-                             out_dir=out_dir, source=init, resume=args.resume)
-    except (FileNotFoundError, ConnectionError, PermissionError, ValueError, DivergenceError) as error:
-        raise SystemExit(f"distill.py: error: {error}") from None
-    print(f"stage {cfg.stage} done: held-out hidden cosine {result['cosine']:.4f}, KL {result['kl']:.4f}, "
-          f"top-1 agreement {result['top1']:.3f}; student written to {out_dir}")
-    if cfg.stage < 3:
+        raise FileNotFoundError(f"no student checkpoint at {init}: create it with `{make}` (or pass --student)")
+    teacher_path = resolve_checkpoint(args.teacher)
+    if check_checkpoint(init, expect="student").text != check_checkpoint(teacher_path, expect="teacher").text:
+        raise InputError(f"the teacher {args.teacher} has other decoder sizes than the student {init}: "
+                         "pass the --teacher it was converted from")
+    processor = Processor.from_pretrained(init)
+    if args.data:
+        samples = read_jsonl(args.data)
+    else:
+        samples = synthetic_samples(args.synthetic_samples, cfg.seed)
+        tqdm.write(f"no --data given: distilling on {len(samples)} synthetic samples generated in-process "
+                   "(procedural images and videos; pass --data for real ones)")
+    if len(samples) <= args.eval_samples:
+        raise InputError(f"{len(samples)} samples cannot spare {args.eval_samples} for evaluation: "
+                         "give more samples or lower --eval-samples")
+    student = load_model(init, args.device)
+    teacher = load_model(teacher_path, args.device).requires_grad_(False)
+    held_out = SampleBatches(samples[:args.eval_samples], processor, cfg.batch_size, cfg.seed, args.device, shuffle=False)
+    batches = SampleBatches(samples[args.eval_samples:], processor, cfg.batch_size, cfg.seed, args.device)
+    return train_stage(student, teacher, batches, [held_out(i) for i in range(len(held_out))], cfg,
+                       out_dir=Path(args.out) / f"stage{cfg.stage}", source=init, resume=args.resume)
+
+
+@user_errors("distill.py", DivergenceError)
+def main(argv: list[str] | None = None) -> dict:
+    """Run the stage the flags name (or the --smoke check) and return its result (train_stage's)."""
+    args = parse_args(argv)
+    if args.smoke:
+        return smoke(args)
+    result = run_stage(args)
+    print(f"stage {args.stage} done: held-out hidden cosine {result['cosine']:.4f}, KL {result['kl']:.4f}, "
+          f"top-1 agreement {result['top1']:.3f}; student written to {Path(args.out) / f'stage{args.stage}'}")
+    if args.stage < 3:
         teacher_flag = "" if args.teacher == DEFAULT_TEACHER else f" --teacher {args.teacher}"
-        print(f"next: python distill.py --stage {cfg.stage + 1} --out {args.out}{teacher_flag}")
+        print(f"next: python distill.py --stage {args.stage + 1} --out {args.out}{teacher_flag}")
+    return result
 
 
 if __name__ == "__main__":

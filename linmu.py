@@ -22,11 +22,13 @@ prompt's length, never waits on the host, and compiles into one graph for every 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
 import os
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -1450,6 +1452,15 @@ def generate(model: VLM, input_ids: Tensor, pixel_values: Tensor | None = None,
 # ----------------------------------------------------------------------------------------------
 # Loading and saving Hub-layout checkpoints (config.json + safetensors)
 
+
+class InputError(ValueError):
+    """A mistake in what the user gave: a flag's value, a checkpoint's contents, a data file, an image.
+
+    Its message says what is wrong and what to do. The commands end on it, and on an OSError (a
+    missing file, no network), with that one line (see `user_errors`).
+    """
+
+
 CHECKPOINT_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "generation_config.json",
                        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                        "vocab.json", "merges.txt", "preprocessor_config.json", "processor_config.json",
@@ -1493,9 +1504,69 @@ def checkpoint_files(path: Path) -> list[Path]:
         return [path / "model.safetensors"]
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        return [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as error:
+            raise InputError(f"{index} is not a safetensors index ({type(error).__name__}: {error}): "
+                             "download or save the checkpoint again") from None
+        for name in names:
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path / name}, a shard {index.name} names, does not exist: "
+                                        "download or save the checkpoint again")
+        return [path / name for name in names]
     raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json "
                             "(only safetensors checkpoints are supported)")
+
+
+def read_config(file: Path, expect: str | None = None) -> VLMConfig:
+    """The VLMConfig of a config.json (a checkpoint directory's, or one such as configs/smolvlm2-256m.json).
+
+    expect: "teacher" (a SmolVLM2 model, no "linmu" entry), "student" (a LinMU student) or None (either).
+    InputError when the file is not JSON, describes a model this code does not implement, or is
+    the other kind.
+    """
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} does not exist: give a SmolVLM2 config.json or a checkpoint directory")
+    try:
+        config = VLMConfig.from_hf_dict(json.loads(file.read_text()))
+    except json.JSONDecodeError as error:
+        raise InputError(f"{file} is not JSON ({error}): download or save the checkpoint again") from None
+    except (ValueError, TypeError, AttributeError) as error:  # a model this code does not implement, or no config
+        raise InputError(f"{file}: {error}") from None
+    if expect is not None and (expect == "student") != (config.linmu is not None):
+        if expect == "teacher":
+            raise InputError(f"{file} describes a LinMU student (it has a \"linmu\" entry) where a SmolVLM2 teacher "
+                             "is needed: give the SmolVLM2 checkpoint the student was converted from")
+        raise InputError(f"{file} describes a SmolVLM2 teacher (it has no \"linmu\" entry) where a LinMU student is "
+                         f"needed: convert it first with `python convert.py --model {file.parent}`")
+    return config
+
+
+def checkpoint_tensors(path: Path) -> dict[str, Path]:
+    """Where each tensor of a checkpoint directory is stored: its name -> its safetensors file.
+
+    Reads the files' headers only; InputError for one that is not readable (truncated or corrupt).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    where = {}
+    for file in checkpoint_files(path):
+        try:
+            with safe_open(file, framework="pt") as f:
+                where.update((key, file) for key in f.keys())
+        except SafetensorError as error:
+            raise InputError(f"{file} is not a readable safetensors file ({error}; truncated or corrupt?): "
+                             "download or save the checkpoint again") from None
+    return where
+
+
+def check_checkpoint(path: Path, expect: str | None = None) -> VLMConfig:
+    """Check what can be checked of a checkpoint directory without loading its weights (its config.json,
+    the kind `expect`ed as in read_config, every safetensors header) and return its config. Commands
+    that load two checkpoints check both first, so that a mistake in either costs no loading."""
+    config = read_config(path / "config.json", expect)
+    checkpoint_tensors(path)
+    return config
 
 
 def load_model(model_id_or_dir: str | os.PathLike, device: str | torch.device = "cpu",
@@ -1503,36 +1574,33 @@ def load_model(model_id_or_dir: str | os.PathLike, device: str | torch.device = 
     """Build the model a checkpoint's config.json describes and fill every parameter from its safetensors.
 
     Strict: every checkpoint tensor must be used and every parameter filled (a tied lm_head is the
-    embedding), else ValueError. A config with a "linmu" entry builds the LinMU student instead.
+    embedding), else InputError, as for an unreadable config.json or safetensors file. A config with
+    a "linmu" entry builds the LinMU student instead.
     """
     from safetensors import safe_open
     from tqdm import tqdm
 
     path = resolve_checkpoint(model_id_or_dir)
-    config = VLMConfig.from_hf_dict(json.loads((path / "config.json").read_text()))
+    config = read_config(path / "config.json")
+    where = checkpoint_tensors(path)
     with torch.device(device):
         model = VLM(config)
     model.to(dtype)
     params = model.state_dict(keep_vars=True)
     if config.tie_word_embeddings:
         params.pop("lm_head.weight")
-    files = checkpoint_files(path)
-    where = {}
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            where.update((key, file) for key in f.keys())
     missing, unexpected = sorted(params.keys() - where.keys()), sorted(where.keys() - params.keys())
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match the model its config.json describes: {len(missing)} "
+        raise InputError(f"checkpoint {path} does not match the model its config.json describes: {len(missing)} "
                          f"missing keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
     with torch.no_grad(), tqdm(total=len(where), desc="loading weights", unit="tensor") as bar:
-        for file in files:
+        for file in dict.fromkeys(where.values()):
             with safe_open(file, framework="pt") as f:
                 for key in f.keys():
                     tensor = f.get_tensor(key)
                     if tensor.shape != params[key].shape:
-                        raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)} != model shape "
-                                         f"{tuple(params[key].shape)}")
+                        raise InputError(f"{key}: checkpoint shape {tuple(tensor.shape)} != model shape "
+                                         f"{tuple(params[key].shape)} in {file}")
                     params[key].copy_(tensor)
                     bar.update()
     return model.eval()
@@ -1579,8 +1647,52 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@contextlib.contextmanager
+def user_errors(prog: str, *more: type[Exception]):
+    """The four commands' error convention, as a decorator of a command's main (or around a block).
+
+    An InputError, an OSError (a missing file, no network) or one of `more` ends the program with one
+    line, `prog: error: <what is wrong, and what to do>`, on stderr and exit status 2, as argparse ends
+    a bad flag. Any other exception is a bug and keeps its traceback.
+    """
+    try:
+        yield
+    except (InputError, OSError, *more) as error:
+        print(f"{prog}: error: {' '.join(str(error).splitlines())}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def check_device(name: str) -> torch.device:
+    """A --device value as a torch.device; InputError when this machine has no such device."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    count = torch.accelerator.device_count() if accelerator is not None else 0
+    if device is None or device.type != "cpu" and (accelerator is None or device.type != accelerator.type
+                                                   or (device.index or 0) >= count):
+        here = "cpu" if accelerator is None else f"cpu, {accelerator.type} or {accelerator.type}:N for N < {count}"
+        raise InputError(f"--device {name}: no such device on this machine; use {here}")
+    return device
+
+
+def check_bounds(args: argparse.Namespace, at_least: dict[str, float] | None = None,
+                 above: dict[str, float] | None = None) -> None:
+    """InputError naming the first flag (an attribute of args) whose value is below its bound:
+    `at_least` bounds are allowed values, `above` bounds are not. A None value (unset) passes."""
+    for bounds, words, allowed in ((at_least or {}, "at least", lambda value, bound: value >= bound),
+                                   (above or {}, "more than", lambda value, bound: value > bound)):
+        for name, bound in bounds.items():
+            value = getattr(args, name)
+            if value is not None and not allowed(value, bound):
+                raise InputError(f"--{name.replace('_', '-')} must be {words} {bound}, not {value}")
+
+
+@user_errors("linmu.py")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
+        prog="linmu.py",
         description="Generate an answer about images or a video with a SmolVLM2 teacher or its LinMU student "
                     "(any checkpoint load_model reads: a Hub repo id, convert.py's output, distill.py's output).")
     parser.add_argument("--model", required=True, help="checkpoint directory or Hub repo id (owner/name)")
@@ -1597,17 +1709,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="weights' dtype (default: bfloat16 on CUDA, float32 on CPU)")
     args = parser.parse_args(argv)
+    check_device(args.device)
+    check_bounds(args, at_least={"max_frames": 1, "max_new_tokens": 1, "temperature": 0}, above={"top_p": 0})
+    if args.top_p > 1:
+        raise InputError(f"--top-p must be at most 1, not {args.top_p}")
 
     from processing import Processor, load_video
 
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     path = resolve_checkpoint(args.model)
-    model = load_model(path, args.device, dtype)
-    processor = Processor.from_pretrained(path)
+    processor = Processor.from_pretrained(path)  # the inputs first: a mistake there costs no weight loading
     content = [{"type": "image"} for _ in args.image] + ([{"type": "video"}] if args.video else [])
     messages = [{"role": "user", "content": content + [{"type": "text", "text": args.prompt}]}]
     video = load_video(args.video, fps=1.0, max_frames=args.max_frames) if args.video else None
     batch = processor(messages, images=args.image, video=video)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    model = load_model(path, args.device, dtype)
     pixels = batch["pixel_values"].to(args.device) if len(batch["pixel_values"]) else None
     ids = generate(model, batch["input_ids"].to(args.device), pixels, grids=batch["grids"],
                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

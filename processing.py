@@ -19,6 +19,9 @@ All resizing is torchvision's LANCZOS on uint8 tensors, what transformers' defau
 backed) SmolVLMImageProcessor and SmolVLMVideoProcessor run: pixel values and input_ids match them
 exactly (tested). transformers' PIL-backed SmolVLMImageProcessorPil resamples with PIL's LANCZOS,
 which differs by up to 3/255 on a pixel (mean absolute difference about 1e-4 after normalizing).
+torchvision before 0.27 cannot resize tensors with LANCZOS; there `resize` goes through PIL, one
+side at a time as torch does, within 2 grey levels of torchvision per resize and 3 after the two
+or three resizes in a row an image goes through (tested against torchvision and transformers).
 """
 
 from __future__ import annotations
@@ -34,9 +37,12 @@ from typing import NamedTuple
 import PIL.Image
 import PIL.ImageOps
 import torch
-from tokenizers import Tokenizer
+import torchvision
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
+
+from linmu import InputError
 
 # The special tokens SmolVLM's prompt format is written in (fixed by the checkpoint's tokenizer).
 IMAGE_TOKEN = "<image>"
@@ -50,6 +56,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 # The PIL resampling codes a preprocessor_config.json stores, as torchvision interpolation modes.
 RESAMPLE = {0: TF.InterpolationMode.NEAREST, 1: TF.InterpolationMode.LANCZOS,
             2: TF.InterpolationMode.BILINEAR, 3: TF.InterpolationMode.BICUBIC}
+
+# torchvision resizes tensors with LANCZOS from 0.27 on (through torch's interpolate); before, PIL does.
+TENSOR_LANCZOS = tuple(int(part) for part in torchvision.__version__.split(".")[:2]) >= (0, 27)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,8 +77,8 @@ def load_image(path: str | Path) -> Tensor:
     try:
         with PIL.Image.open(path) as image:
             return TF.pil_to_tensor(PIL.ImageOps.exif_transpose(image).convert("RGB"))
-    except PIL.UnidentifiedImageError as error:
-        raise ValueError(f"cannot decode image {path}: {error}") from None
+    except OSError as error:  # not an image (PIL.UnidentifiedImageError), or a truncated one
+        raise InputError(f"cannot decode image {path}: {error}") from None
 
 
 class Video(NamedTuple):
@@ -121,15 +130,15 @@ def load_video(path: str | Path, fps: float = 1.0, max_frames: int = 64, folder_
         indices = sample_frame_indices(len(files), folder_fps, duration, fps, max_frames)
         frames = [load_image(files[i]) for i in indices]
         if len({f.shape for f in frames}) > 1:
-            raise ValueError(f"the frames in {path} differ in size: resize them to one size first")
+            raise InputError(f"the frames in {path} differ in size: resize them to one size first")
         return Video(torch.stack(frames), [i / folder_fps for i in indices], duration)
     if not path.is_file():
         raise FileNotFoundError(f"video not found: {path}")
     try:
         from torchcodec.decoders import VideoDecoder
     except ImportError:
-        raise ImportError(f"reading the video file {path} needs torchcodec: pip install torchcodec, "
-                          "or pass a folder of frame images instead") from None
+        raise InputError(f"reading the video file {path} needs torchcodec: pip install torchcodec, "
+                         "or pass a folder of frame images instead") from None
     decoder = VideoDecoder(str(path))
     meta = decoder.metadata
     indices = sample_frame_indices(meta.num_frames, meta.average_fps, meta.duration_seconds, fps, max_frames)
@@ -172,8 +181,28 @@ class ProcessorConfig:
 
 
 def resize(pixels: Tensor, height: int, width: int, resample: int) -> Tensor:
-    """Resize uint8 (..., 3, H, W) pixels with antialiasing; the result is rounded back to uint8."""
+    """Resize uint8 (..., 3, H, W) pixels with antialiasing; the result is rounded back to uint8.
+
+    torchvision's resize, or PIL's for LANCZOS where torchvision cannot (TENSOR_LANCZOS is False).
+    """
+    if RESAMPLE[resample] == TF.InterpolationMode.LANCZOS and not TENSOR_LANCZOS:
+        return pil_lanczos(pixels, height, width)
     return TF.resize(pixels, [height, width], interpolation=RESAMPLE[resample], antialias=True)
+
+
+def pil_lanczos(pixels: Tensor, height: int, width: int) -> Tensor:
+    """PIL's LANCZOS resize of uint8 (..., 3, H, W) pixels, one image at a time.
+
+    The width first, then the height: the order torch resamples in. That keeps the result within 2
+    grey levels of torchvision's (PIL's and torch's filter weights are rounded differently); a single
+    PIL resize of both sides can differ by 40 where one side shrinks and the other grows.
+    """
+    images = []
+    for image in pixels.reshape(-1, *pixels.shape[-3:]):
+        pil = TF.to_pil_image(image)
+        pil = pil.resize((width, pil.height), PIL.Image.Resampling.LANCZOS)
+        images.append(TF.pil_to_tensor(pil.resize((width, height), PIL.Image.Resampling.LANCZOS)))
+    return torch.stack(images).reshape(*pixels.shape[:-2], height, width)
 
 
 def longest_edge_size(height: int, width: int, longest_edge: int) -> tuple[int, int]:
@@ -360,7 +389,7 @@ class Processor:
         self.cfg = cfg or ProcessorConfig()
         side = math.isqrt(self.cfg.image_seq_len)
         if side * side != self.cfg.image_seq_len:
-            raise ValueError(f"image_seq_len {self.cfg.image_seq_len} is not a square grid of tokens")
+            raise InputError(f"image_seq_len {self.cfg.image_seq_len} is not a square grid of tokens")
         self.grid_side = side
         self.image_token_id = self.token_id(IMAGE_TOKEN)
         self.eos_token_id = self.token_id(self.cfg.eos_token)
@@ -375,7 +404,7 @@ class Processor:
         """The id of a special token, which the tokenizer must know."""
         token_id = self.tokenizer.token_to_id(token)
         if token_id is None:
-            raise ValueError(f"the tokenizer has no token {token!r}")
+            raise InputError(f"the tokenizer has no token {token!r}")
         return token_id
 
     @classmethod
@@ -420,7 +449,7 @@ class Processor:
             pad_token=token_content(tok.get("pad_token")) or default.pad_token,
         )
         if max(cfg.longest_edge, cfg.video_longest_edge) > 4096:
-            raise ValueError("SmolVLM caps images at 4096 px: set size.longest_edge to 4096 or less")
+            raise InputError("SmolVLM caps images at 4096 px: set size.longest_edge to 4096 or less")
         return cls(Tokenizer.from_file(str(directory / "tokenizer.json")), cfg)
 
     def __call__(self, prompt: str | list[dict], images: list[Tensor | str | Path] = (),
@@ -435,7 +464,7 @@ class Processor:
         pieces = re.split(f"({re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)})", text)
         n_images, n_videos = pieces.count(IMAGE_TOKEN), pieces.count(VIDEO_TOKEN)
         if n_images != len(images) or n_videos != (video is not None):
-            raise ValueError(f"the prompt has {n_images} {IMAGE_TOKEN} and {n_videos} {VIDEO_TOKEN} placeholders "
+            raise InputError(f"the prompt has {n_images} {IMAGE_TOKEN} and {n_videos} {VIDEO_TOKEN} placeholders "
                              f"but {len(images)} images and {int(video is not None)} video were given")
         if isinstance(video, (str, Path)):
             video = load_video(video, self.cfg.video_fps, self.cfg.video_max_frames)
@@ -492,3 +521,33 @@ class Processor:
         """Token ids (a list or a 1-D tensor) back to text."""
         return self.tokenizer.decode(ids.tolist() if isinstance(ids, Tensor) else list(ids),
                                      skip_special_tokens=skip_special_tokens)
+
+
+# ----------------------------------------------------------------------------------------------
+# A stand-in tokenizer, for checkpoints with random weights (distill.py --smoke, the tests)
+
+STAND_IN_SPECIAL_TOKENS = (["<|endoftext|>", "<|im_start|>", "<|im_end|>", GLOBAL_IMAGE_TOKEN]
+                           + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+                           + [FAKE_IMAGE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE])
+
+
+def write_stand_in_tokenizer(directory: Path) -> Tokenizer:
+    """Write a stand-in for SmolVLM2's tokenizer (tokenizer.json, tokenizer_config.json) and return it.
+
+    Byte-level BPE without merges, one token per byte of text, plus SmolVLM2's special tokens: chats,
+    images and videos become the same token layout as with the real tokenizer, with more text tokens.
+    Its 299 ids fit any decoder whose vocab_size is at least that.
+    """
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in STAND_IN_SPECIAL_TOKENS])
+    tokenizer.save(str(Path(directory) / "tokenizer.json"))
+    (Path(directory) / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|im_start|>", "eos_token": END_OF_UTTERANCE, "pad_token": "<|im_end|>",
+        "unk_token": "<|endoftext|>", "clean_up_tokenization_spaces": False,
+        "extra_special_tokens": {"end_of_utterance_token": END_OF_UTTERANCE, "fake_image_token": FAKE_IMAGE_TOKEN,
+                                 "global_image_token": GLOBAL_IMAGE_TOKEN, "image_token": IMAGE_TOKEN},
+        "processor_class": "SmolVLMProcessor", "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return tokenizer

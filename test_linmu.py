@@ -1,17 +1,21 @@
 """The specification of LinMU, as tests: each compares with an independent reference or checks a
 property that fails when the code is wrong. Tiny configurations only: the suite runs on 2 CPU cores."""
 
+import importlib.util
 import json
 import math
 import random
+import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from safetensors.torch import load_file, save_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
@@ -1001,10 +1005,6 @@ def test_convert_gives_one_line_errors(model, message, tmp_path, monkeypatch, ca
 # 7. Input preparation (processing.py), against transformers' own SmolVLMProcessor
 
 
-SPECIAL_TOKENS = (["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<global-img>"]
-                  + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
-                  + ["<fake_token_around_image>", "<image>", "<end_of_utterance>"])
-
 # SmolVLM2-256M-Video-Instruct's preprocessor_config.json and processor_config.json values.
 PREPROCESSOR_CONFIG = {
     "do_convert_rgb": True, "do_image_splitting": True, "do_normalize": True, "do_pad": True,
@@ -1017,22 +1017,8 @@ PREPROCESSOR_CONFIG = {
 
 
 def write_checkpoint(directory, processor_config=True):
-    """A tiny SmolVLM2-style checkpoint folder: byte-level tokenizer plus the real processor configs."""
-    vocab = {}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    tokenizer.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<|im_start|>", "eos_token": "<end_of_utterance>", "pad_token": "<|im_end|>",
-        "unk_token": "<|endoftext|>", "clean_up_tokenization_spaces": False,
-        "extra_special_tokens": {"end_of_utterance_token": "<end_of_utterance>",
-                                 "fake_image_token": "<fake_token_around_image>",
-                                 "global_image_token": "<global-img>", "image_token": "<image>"},
-        "processor_class": "SmolVLMProcessor", "tokenizer_class": "PreTrainedTokenizerFast"}))
+    """A tiny SmolVLM2-style checkpoint folder: the stand-in byte-level tokenizer plus the real processor configs."""
+    P.write_stand_in_tokenizer(directory)
     (directory / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG))
     if processor_config:
         (directory / "processor_config.json").write_text(
@@ -1059,6 +1045,26 @@ def reference(checkpoint):
     return transformers.AutoProcessor.from_pretrained(checkpoint), DEFAULT_CHAT_TEMPLATE
 
 
+GREY_LEVEL = 2 / 255  # one uint8 step, after normalizing with mean = std = 0.5
+# Whether this torchvision resizes tensors with LANCZOS, whatever a test forces processing.py to do.
+# Without it, transformers' torchvision-backed processor (the reference) resamples with BICUBIC instead.
+TORCHVISION_LANCZOS = tuple(int(part) for part in torchvision.__version__.split(".")[:2]) >= (0, 27)
+
+
+@pytest.fixture(params=["torchvision", "PIL"])
+def lanczos(request, monkeypatch):
+    """Each LANCZOS resize in turn, forced: torchvision's on tensors, and PIL's (processing.py's fallback).
+
+    Returns the grey levels processed pixels may differ from torchvision's by: 0, or 3 for PIL (2 per
+    resize, 3 through the processor's two or three resizes in a row: both measured in
+    test_pil_lanczos_stays_within_two_grey_levels_of_torchvision).
+    """
+    if not TORCHVISION_LANCZOS:
+        pytest.skip("torchvision < 0.27: transformers' processor, the reference, resamples with BICUBIC, not LANCZOS")
+    monkeypatch.setattr(P, "TENSOR_LANCZOS", request.param == "torchvision")
+    return 0 if request.param == "torchvision" else 3
+
+
 def random_image(height, width, seed):
     """A smooth random uint8 RGB image (upsampled noise, so resampling filters see real structure)."""
     g = torch.Generator().manual_seed(seed)
@@ -1078,7 +1084,7 @@ def write_frames(folder, count, height=24, width=40):
 # Against transformers
 
 
-def test_images_match_transformers(processor, reference):
+def test_images_match_transformers(processor, reference, lanczos):
     ref, template = reference
     images = [random_image(300, 451, seed=0), random_image(700, 200, seed=1)]  # wide and tall: both split
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare  these:\n"},
@@ -1090,21 +1096,21 @@ def test_images_match_transformers(processor, reference):
     assert torch.equal(ours["input_ids"], expected["input_ids"])
     n = len(ours["pixel_values"])
     assert n == 13 + 9  # 3 x 4 tiles + global, 4 x 2 tiles + global
-    assert (ours["pixel_values"] - expected["pixel_values"][0, :n]).abs().max() < 1e-5
+    assert (ours["pixel_values"] - expected["pixel_values"][0, :n]).abs().max() < 1e-5 + lanczos * GREY_LEVEL
     assert torch.equal(ours["pixel_attention_mask"], expected["pixel_attention_mask"][0, :n].bool())
 
 
-def test_unsplit_image_matches_transformers(processor, reference):
+def test_unsplit_image_matches_transformers(processor, reference, lanczos):
     ref, _ = reference
     cfg = replace(processor.cfg, do_image_splitting=False)
     image = random_image(90, 61, seed=2)
     tiles, rows, cols = P.image_tiles(image, cfg)
     expected = ref.image_processor(images=[[image]], do_image_splitting=False, return_tensors="pt")
     assert (rows, cols) == (0, 0)
-    assert (P.normalize(tiles, cfg) - expected["pixel_values"][0]).abs().max() < 1e-5
+    assert (P.normalize(tiles, cfg) - expected["pixel_values"][0]).abs().max() < 1e-5 + lanczos * GREY_LEVEL
 
 
-def test_video_matches_transformers(processor, reference, tmp_path):
+def test_video_matches_transformers(processor, reference, tmp_path, lanczos):
     from transformers.video_utils import VideoMetadata
     ref, template = reference
     write_frames(tmp_path / "clip", 30)
@@ -1119,7 +1125,7 @@ def test_video_matches_transformers(processor, reference, tmp_path):
                    return_tensors="pt")
     ours = processor(messages, video=video)
     assert torch.equal(ours["input_ids"], expected["input_ids"])
-    assert (ours["pixel_values"] - expected["pixel_values"][0]).abs().max() < 1e-5
+    assert (ours["pixel_values"] - expected["pixel_values"][0]).abs().max() < 1e-5 + lanczos * GREY_LEVEL
     assert ours["grids"] == [[(8, 8, 8)]]
 
 
@@ -1230,7 +1236,7 @@ def test_missing_and_unreadable_files(tmp_path):
     try:
         import torchcodec  # noqa: F401
     except ImportError:
-        with pytest.raises(ImportError, match="torchcodec"):
+        with pytest.raises(linmu.InputError, match="needs torchcodec"):
             P.load_video(tmp_path / "clip.mp4")
 
 
@@ -1372,19 +1378,19 @@ def test_compiled_and_eager_losses_agree(pair):
     distill.prepare_stage(student, cfg)
     batch = batches(1)
     eager, _ = distill.distill_loss(student, teacher, batch, cfg)
-    for layer in student.model.text_model.layers:
-        layer.compile()
+    linmu.compile_model(student)  # what distill.py --compile does
     compiled, _ = distill.distill_loss(student, teacher, batch, cfg)
     assert abs(compiled.item() - eager.item()) < 1e-4
 
 
-def test_distill_command_line_names_the_missing_step(tmp_path):
+def test_distill_command_line_names_the_missing_step(tmp_path, capsys):
     import distill
 
-    with pytest.raises(SystemExit, match="create it with `python convert.py`"):
-        distill.main(["--stage", "1", "--student", str(tmp_path / "missing")])
-    with pytest.raises(SystemExit, match=r"create it with `python distill.py --stage 1"):
-        distill.main(["--stage", "2", "--out", str(tmp_path)])
+    for argv, message in ([["--stage", "1", "--student", str(tmp_path / "missing")], "create it with `python convert.py`"],
+                          [["--stage", "2", "--out", str(tmp_path)], "create it with `python distill.py --stage 1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            distill.main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_distill_command_line_runs_a_stage_from_jsonl(tiny_hub, tmp_path):
@@ -1556,3 +1562,180 @@ def test_student_agreement_with_the_teacher_rises_across_the_stages():
     top1 = [init["top1"]] + [r["top1"] for r in stages]  # next-token argmax agreement with the teacher
     assert kl[1] < kl[0] and kl[2] < kl[1] and kl[3] <= kl[2] * 1.05, kl
     assert top1[1] > top1[0] and top1[2] > top1[1] and top1[3] >= top1[2] - 0.01, top1
+
+
+# ----------------------------------------------------------------------------------------------
+# 11. Where users run it: the LANCZOS fallback, one line for every input mistake, the smoke run
+
+
+def lanczos_difference(monkeypatch, resize, *args):
+    """|torchvision's result - the PIL fallback's| of a function that resizes, in grey levels."""
+    monkeypatch.setattr(P, "TENSOR_LANCZOS", True)
+    ours = resize(*args)
+    monkeypatch.setattr(P, "TENSOR_LANCZOS", False)
+    return (ours.int() - resize(*args).int()).abs()
+
+
+@pytest.mark.skipif(not TORCHVISION_LANCZOS, reason="this torchvision cannot resize tensors with LANCZOS: no reference")
+def test_pil_lanczos_stays_within_two_grey_levels_of_torchvision(monkeypatch):
+    """The fallback for torchvision < 0.27, forced, against torchvision's LANCZOS on tensors. Measured here
+    (torchvision 0.29): at most 2 grey levels per resize with under 1% of the values differing, and at most 3
+    through the processor's resizes in a row. The sizes grow, shrink, and grow one side while the other
+    shrinks (where one PIL resize of both sides at once differs by up to 40)."""
+    g = torch.Generator().manual_seed(0)
+    images = [random_image(300, 451, 0), random_image(700, 200, 1), random_image(8, 8, 2),
+              torch.randint(0, 256, (3, 50, 90), generator=g, dtype=torch.uint8),  # noise: the hardest case
+              torch.randint(0, 256, (3, 513, 1024), generator=g, dtype=torch.uint8)]
+    cfg = P.ProcessorConfig()
+    differ = values = 0
+    for image in images:
+        for size in [(64, 64), (128, 72), (2048, 1364), (37, 513), (512, 512), (1, 7)]:
+            difference = lanczos_difference(monkeypatch, P.resize, image, *size, 1)
+            assert difference.max() <= 2, (image.shape, size)
+            differ, values = differ + int((difference > 0).sum()), values + difference.numel()
+        assert lanczos_difference(monkeypatch, lambda x: P.image_tiles(x, cfg)[0], image).max() <= 3
+        assert lanczos_difference(monkeypatch, P.video_tiles, image.expand(2, -1, -1, -1), cfg).max() <= 3
+    assert differ / values < 0.02
+
+
+@pytest.fixture(scope="module")
+def mistakes(tmp_path_factory, tiny_hub):
+    """Inputs a user can get wrong, each beside a good one: checkpoints (a teacher, its student, a teacher
+    whose model.safetensors is cut in half), images, frame folders, a video file, JSONL data."""
+    root = tmp_path_factory.mktemp("mistakes")
+    student = save_model(linmu.convert_to_linmu(load_model(tiny_hub)), root / "student", source=tiny_hub)
+    truncated = root / "truncated"
+    shutil.copytree(tiny_hub, truncated)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    TF.to_pil_image(random_image(30, 40, 1)).save(root / "image.png")
+    (root / "bad.png").write_bytes(b"not an image")
+    (root / "empty").mkdir()
+    write_frames(root / "frames", 2)
+    (root / "frames" / "frame_0001.png").write_bytes(b"not an image either")
+    (root / "clip.mp4").write_bytes(b"\x00" * 64)
+    lines = {"bad_json": '{"image": "image.png", "prompt": "What?"}\n{"image": "image.png", "prompt": ',
+             "no_prompt": '{"image": "image.png"}', "missing_image": '{"image": "nope.png", "prompt": "What?"}'}
+    for name, text in lines.items():
+        (root / f"{name}.jsonl").write_text(text)
+    (root / "small_vocab.json").write_text(json.dumps(BENCH_TINY))  # 100 ids: fewer than the stand-in tokenizer's
+    files = {"image": "image.png", "bad_image": "bad.png", "empty": "empty", "bad_frames": "frames", "clip": "clip.mp4",
+             "small_vocab": "small_vocab.json", **{name: f"{name}.jsonl" for name in lines}}
+    return {"teacher": tiny_hub, "student": student, "truncated": truncated, "missing": root / "missing",
+            **{name: root / file for name, file in files.items()}}
+
+
+TORCHCODEC = importlib.util.find_spec("torchcodec") is not None
+STAGE = ["--stage", "1", "--student", "{student}", "--teacher", "{teacher}", "--out", "{out}"]
+BENCH_OUT = ["--threads", "1", "--json", "{out}/bench.json", "--plot", "{out}/bench.png"]
+MISTAKES = [  # (command, flags, what the error line says); {name} is a path of `mistakes`, {out} a fresh one
+    pytest.param("linmu.py", ["--model", "{missing}"], "does not exist", id="linmu-missing-checkpoint"),
+    pytest.param("linmu.py", ["--model", "{teacher}", "--image", "{missing}"], "image file not found",
+                 id="linmu-missing-image"),
+    pytest.param("linmu.py", ["--model", "{teacher}", "--image", "{bad_image}"], "cannot decode image",
+                 id="linmu-undecodable-image"),
+    pytest.param("linmu.py", ["--model", "{teacher}", "--video", "{empty}"], "no frame images",
+                 id="linmu-empty-frames-folder"),
+    pytest.param("linmu.py", ["--model", "{teacher}", "--video", "{bad_frames}"], "frame_0001.png",
+                 id="linmu-undecodable-frame"),
+    pytest.param("linmu.py", ["--model", "{truncated}", "--image", "{image}"],
+                 "model.safetensors is not a readable safetensors file", id="linmu-truncated-weights"),
+    pytest.param("linmu.py", ["--model", "{teacher}", "--video", "{clip}"], "needs torchcodec",
+                 id="linmu-video-file-without-torchcodec",
+                 marks=pytest.mark.skipif(TORCHCODEC, reason="torchcodec is installed")),
+    pytest.param("linmu.py", ["--model", "{teacher}", "--device", "tpu:3"], "no such device", id="linmu-unknown-device"),
+    pytest.param("linmu.py", ["--model", "{teacher}", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1",
+                 id="linmu-zero-tokens"),
+    pytest.param("convert.py", ["--model", "{student}", "--out", "{out}"], "where a SmolVLM2 teacher is needed",
+                 id="convert-student-as-teacher"),
+    pytest.param("convert.py", ["--model", "{truncated}", "--out", "{out}"], "is not a readable safetensors file",
+                 id="convert-truncated-weights"),
+    pytest.param("convert.py", ["--model", "{missing}", "--out", "{out}"], "does not exist", id="convert-missing-model"),
+    pytest.param("convert.py", ["--model", "{teacher}", "--out", "{out}", "--text-window", "0"],
+                 "--text-window must be at least 1", id="convert-zero-text-window"),
+    pytest.param("distill.py", [*STAGE, "--steps", "-3"], "--steps must be at least 1, not -3",
+                 id="distill-negative-steps"),
+    pytest.param("distill.py", [*STAGE, "--batch-size", "0"], "--batch-size must be at least 1",
+                 id="distill-zero-batch"),
+    pytest.param("distill.py", [*STAGE, "--lr", "0"], "--lr must be more than 0", id="distill-zero-lr"),
+    pytest.param("distill.py", [*STAGE, "--device", "cuda:99"], "no such device", id="distill-unknown-device"),
+    pytest.param("distill.py", ["--stage", "1", "--student", "{teacher}", "--teacher", "{teacher}", "--out", "{out}"],
+                 "where a LinMU student is needed", id="distill-teacher-as-student"),
+    pytest.param("distill.py", ["--stage", "1", "--student", "{student}", "--teacher", "{student}", "--out", "{out}"],
+                 "where a SmolVLM2 teacher is needed", id="distill-student-as-teacher"),
+    pytest.param("distill.py", ["--stage", "1", "--student", "{student}", "--teacher", "{truncated}", "--out", "{out}"],
+                 "model.safetensors is not a readable safetensors file", id="distill-truncated-weights"),
+    pytest.param("distill.py", ["--stage", "1", "--student", "{missing}", "--teacher", "{teacher}", "--out", "{out}"],
+                 "no student checkpoint at", id="distill-missing-student"),
+    pytest.param("distill.py", [*STAGE, "--data", "{missing}"], "does not exist", id="distill-missing-data"),
+    pytest.param("distill.py", [*STAGE, "--data", "{bad_json}"], "bad_json.jsonl:2: not JSON", id="distill-bad-json"),
+    pytest.param("distill.py", [*STAGE, "--data", "{no_prompt}"], "no_prompt.jsonl:1: a sample is a JSON object",
+                 id="distill-no-prompt"),
+    pytest.param("distill.py", [*STAGE, "--data", "{missing_image}"], "missing_image.jsonl:1:",
+                 id="distill-missing-image-in-data"),
+    pytest.param("distill.py", ["--smoke", "--teacher", "{teacher}"], "--smoke runs stage 1",
+                 id="distill-smoke-with-a-teacher"),
+    pytest.param("distill.py", ["--smoke", "--config", "{student}/config.json"], "where a SmolVLM2 teacher is needed",
+                 id="distill-smoke-student-config"),
+    pytest.param("distill.py", ["--smoke", "--config", "{small_vocab}"], "smaller than the stand-in tokenizer",
+                 id="distill-smoke-small-vocabulary"),
+    pytest.param("bench.py", ["--model", "{teacher}", *BENCH_OUT], "where a LinMU student is needed",
+                 id="bench-teacher-as-student"),
+    pytest.param("bench.py", ["--model", "{student}", "--teacher", "{student}", *BENCH_OUT],
+                 "where a SmolVLM2 teacher is needed", id="bench-student-as-teacher"),
+    pytest.param("bench.py", ["--teacher", "{truncated}", *BENCH_OUT], "is not a readable safetensors file",
+                 id="bench-truncated-weights"),
+    pytest.param("bench.py", ["--model", "{missing}", *BENCH_OUT], "does not exist", id="bench-missing-model"),
+    pytest.param("bench.py", ["--device", "gpu", *BENCH_OUT], "no such device", id="bench-unknown-device"),
+    pytest.param("bench.py", ["--repeats", "0", *BENCH_OUT], "--repeats must be at least 1, not 0",
+                 id="bench-zero-repeats"),
+]
+
+
+@pytest.mark.parametrize("command, flags, message", MISTAKES)
+def test_every_input_mistake_gives_one_error_line_and_writes_nothing(command, flags, message, mistakes, tmp_path,
+                                                                     capsys):
+    """Each command, run on each mistake, ends with exit status 2 and exactly one line on stderr,
+    `command: error: ...` (no traceback, and no progress bar: the inputs are checked before any weights
+    load), and leaves no output behind."""
+    import convert
+    import distill
+
+    main = {"linmu.py": linmu.main, "convert.py": convert.main, "distill.py": distill.main, "bench.py": bench.main}
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main[command]([flag.format(out=out, **mistakes) for flag in flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.startswith(f"{command}: error: ") and err.count("\n") == 1 and err.endswith("\n"), err
+    assert message in err
+    assert not out.exists()
+
+
+def test_a_programming_error_inside_the_library_keeps_its_traceback(tiny_hub, monkeypatch):
+    """The one-line convention is for the user's mistakes: a bug still raises as itself."""
+    import convert
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug, not an input mistake")
+
+    monkeypatch.setattr(convert, "convert_to_linmu", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        convert.main(["--model", str(tiny_hub), "--out", "unused"])
+
+
+def test_smoke_run_builds_converts_and_times_stage_one_at_a_tiny_size(tmp_path, capsys):
+    """`distill.py --smoke` at a tiny size: the same code as the full-size run on a GPU machine."""
+    import distill
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**BENCH_TINY, "text_config": {**BENCH_TINY["text_config"], "vocab_size": 320}}))
+    result = distill.main(["--smoke", "--config", str(config), "--steps", "3", "--synthetic-samples", "8",
+                           "--device", "cpu", "--no-compile"])
+    printed = capsys.readouterr().out
+    assert len(result["step_seconds"]) == len(result["losses"]) == 3 and all(math.isfinite(x) for x in result["losses"])
+    assert "stage 1 on cpu, float32, eager, batch 2 x 1" in printed
+    assert re.search(r"first step [\d.]+ s \(compilation and warm-up included\), then [\d.]+ s per step \(median of 2",
+                     printed)
+    assert "peak memory" in printed and "ru_maxrss" in printed
+    assert not Path(re.search(r" in (\S+) \(removed afterwards\)", printed)[1]).exists()
