@@ -1320,6 +1320,7 @@ class VLM(nn.Module):
         h, caches, hidden_states = self.model.text_model(h, layout, new_tokens, output_hidden_states)
         return VLMOutput(self.lm_head(h), caches, hidden_states)
 
+    @torch.no_grad()  # else the caches, written from trainable weights, would join the autograd graph
     def step(self, token: Tensor, position: Tensor, caches: list) -> Tensor:
         """One decoding step: text tokens (B,) at `position` ((1,) long tensor, the same for every
         sequence) -> next-token logits (B, V). The caches, from forward(..., new_tokens=N), are

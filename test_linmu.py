@@ -944,6 +944,17 @@ def test_static_cache_decoding_equals_the_full_forward_for_32_steps(tiny_hub, ki
         assert all(c.swin.k.shape[2] == c.swin.v.shape[2] == 8 for c in out.caches)
 
 
+def flat_tensors(caches) -> list:
+    """Every tensor of a list of (nested) cache dataclasses."""
+    from dataclasses import fields
+    found = []
+    for cache in caches:
+        for f in fields(cache):
+            value = getattr(cache, f.name)
+            found += [value] if isinstance(value, torch.Tensor) else flat_tensors([value]) if value is not None else []
+    return found
+
+
 def test_a_whole_decoding_step_compiles_once_for_every_step_and_context(tiny_hub, monkeypatch):
     """VLM.step has fixed shapes and no host synchronisation: it compiles whole, and neither the
     next position nor a longer context (a larger teacher cache) compiles it again."""
@@ -956,12 +967,13 @@ def test_a_whole_decoding_step_compiles_once_for_every_step_and_context(tiny_hub
             with torch.no_grad():
                 out = model(ids, new_tokens=16)
                 reference = model(ids, new_tokens=16).caches  # the same caches, stepped eagerly
-                token, position = out.logits[:, -1].argmax(-1), torch.tensor([length])
-                for _ in range(16):
-                    logits = step(token, position, out.caches)
-                    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # any further compile fails
-                    assert torch.allclose(logits, model.step(token, position, reference), rtol=0, atol=1e-10)
-                    token, position = logits.argmax(-1), position + 1
+            token, position = out.logits[:, -1].argmax(-1), torch.tensor([length])
+            for _ in range(16):  # outside no_grad, as a caller may be: the step itself needs no gradients
+                logits = step(token, position, out.caches)
+                monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # any further compile fails
+                assert torch.allclose(logits, model.step(token, position, reference), rtol=0, atol=1e-10)
+                assert not logits.requires_grad and not any(t.requires_grad for t in flat_tensors(out.caches))
+                token, position = logits.argmax(-1), position + 1
 
 
 def test_generation_stops_every_sequence_at_its_end_token(tiny_hub):
