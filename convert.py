@@ -28,6 +28,8 @@ MIXER_HELP = {
     "window_cols": "Local-Swin window over token columns",
     "text_window": "tokens a text token attends to (itself included)",
     "branches": "M-MATE branches: both, flex or swin",
+    "rotary_scan": "Rotary Major-Scan: Flex-MA reads each visual grid in a major order that rotates from layer "
+                   "to layer (--no-rotary-scan: the prompt's own order in every layer)",
 }
 BRANCHES = ["both", "flex", "swin"]
 
@@ -43,11 +45,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="dtype of the written weights (default: %(default)s)")
     for field in fields(MixerConfig):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default,
-                            choices=BRANCHES if field.name == "branches" else None,
-                            help=f"{MIXER_HELP[field.name]} (default: %(default)s)")
+        flag, help = f"--{field.name.replace('_', '-')}", f"{MIXER_HELP[field.name]} (default: %(default)s)"
+        if isinstance(field.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help)
+        else:
+            parser.add_argument(flag, type=type(field.default), default=field.default, help=help,
+                                choices=BRANCHES if field.name == "branches" else None)
     args = parser.parse_args(argv)
-    check_bounds(args, at_least={f.name: 1 for f in fields(MixerConfig) if f.name != "branches"})
+    check_bounds(args, at_least={f.name: 1 for f in fields(MixerConfig) if isinstance(f.default, int)
+                                 and not isinstance(f.default, bool)})
 
     source = resolve_checkpoint(args.model)
     check_checkpoint(source, expect="teacher")

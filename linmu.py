@@ -45,7 +45,9 @@ class MixerConfig:
     conv_kernel: Flex-MA's short causal convolution;
     window_frames/rows/cols: Local-Swin's 3D window over visual grids (2D for an image: frames=1);
     text_window: how many previous tokens (any modality, itself included) a text token attends to;
-    branches: "both" (M-MATE), or one branch alone: "flex" (stage 1, ablation) or "swin" (ablation).
+    branches: "both" (M-MATE), or one branch alone: "flex" (stage 1, ablation) or "swin" (ablation);
+    rotary_scan: Flex-MA reads each visual grid in a major order that rotates from layer to layer
+      (Rotary Major-Scan, see major_order); off, every layer scans the prompt's own order.
     The SSD scan's chunk length is not a property of the model but of the device: see Tuning.
     """
 
@@ -55,6 +57,7 @@ class MixerConfig:
     window_cols: int = 4
     text_window: int = 128
     branches: str = "both"
+    rotary_scan: bool = True
 
 
 @dataclass(frozen=True)
@@ -337,6 +340,38 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
 # 2. Flex-MA: the paper's bidirectional state-space branch for global context
 
 
+MAJOR_ORDERS = ((1, 2, 3), (1, 3, 2), (2, 3, 1), (3, 2, 1))  # cell axes, slowest first: 1 frame, 2 row, 3 col
+
+
+def major_order(layout: TokenLayout, axes: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
+    """Rotary Major-Scan (our reading of the paper and of LinGen, where it comes from): each
+    visual grid's tokens re-laid, in the order `axes` gives (slowest first), into the positions
+    the grid's tokens hold in the prompt; text tokens stay where they are.
+
+    The four orders of MAJOR_ORDERS, one per layer in turn, are: frame by frame row-major (the
+    prompt's own order), frame by frame column-major, and the two time-major orders, every cell's
+    frames in a row (rows then columns, columns then rows); an image tile has one frame, so its
+    orders are row- and column-major. Tokens adjacent along any axis become neighbours of the
+    scan in some layer. A frame's text marker may so follow tokens of later frames in a
+    time-major layer: the prompt is read at once, and generated text, after every grid, stays causal.
+    Returns (order, inverse), (B, L) each: x.gather(1, order) is the scanned sequence, and
+    y.gather(1, inverse) puts the scan's outputs back in the prompt's order.
+    """
+    batch, length = layout.visual.shape
+    device = layout.visual.device
+    flat = layout.visual.flatten().nonzero().squeeze(1)  # (V,) visual positions, grid by grid
+    cells = layout.cells.flatten(0, 1)[flat]  # (V, 4): grid, frame, row, col
+    span = int(cells.max()) + 1 if len(flat) else 1  # more than any grid index or coordinate
+    key = flat // length  # the sequence, then the grid, then the axes in order
+    for axis in (0, *axes):
+        key = key * span + cells[:, axis]
+    order = torch.arange(batch * length, device=device)
+    order[flat] = flat[torch.argsort(key)]  # the j-th visual position takes the j-th token in the major order
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(batch * length, device=device)
+    return order.view(batch, length) % length, inverse.view(batch, length) % length
+
+
 @dataclass
 class FlexMACache:
     """Flex-MA's decoding state, updated in place: the last conv_kernel - 1 conv inputs (B, C, K-1) and the SSM state (B, H, P, N)."""
@@ -445,9 +480,13 @@ class FlexMA(nn.Module):
         gate = F.silu(z + self.z_bias).unflatten(-1, (self.heads, self.head_dim))
         return self.out_proj(self.norm(y * gate).flatten(2))
 
-    def forward(self, u: Tensor, visual: Tensor | None) -> tuple[Tensor, FlexMACache]:
+    def forward(self, u: Tensor, visual: Tensor | None,
+                scan: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, FlexMACache]:
         """Full-sequence pass. u: (B, L, D); visual: (B, L) bool, or None for a prompt without visual
-        tokens (no backward scan). Returns (B, L, D) and the decoding cache."""
+        tokens (no backward scan); scan: this layer's (order, inverse) of Rotary Major-Scan, or None
+        to scan the prompt's own order. Returns (B, L, D) and the decoding cache."""
+        if scan is not None:  # visual positions stay visual: the mask holds for the permuted sequence
+            u = u.gather(1, scan[0][..., None].expand_as(u))
         z, xBC, dt = self._split(u)
         A = -self.A_log.exp()
         dt = F.softplus(dt + self.dt_bias)  # (B, L, H)
@@ -460,6 +499,8 @@ class FlexMA(nn.Module):
         last = xBC[:, -(K - 1):].transpose(1, 2)  # the last K-1 inputs (fewer for short prompts)
         conv_state = F.pad(last, (K - 1 - last.shape[-1], 0))  # (B, C, K-1)
         out = torch.cat([self._output(y, z[:, piece]) for y, piece in zip(ys, spans)], dim=1)
+        if scan is not None:
+            out = out.gather(1, scan[1][..., None].expand_as(out))  # back in the prompt's order
         return out, FlexMACache(conv_state, ssm)
 
     def step(self, u: Tensor, cache: FlexMACache) -> Tensor:
@@ -577,21 +618,19 @@ class LocalWindows:
         return cls(text, swin, source)
 
 
-def window_attention(q: Tensor, k: Tensor, v: Tensor, windows: Windows) -> Tensor:
-    """Each window's queries attend to its keys, a piece of windows at a time (Tuning.piece_tokens queries).
+def window_attention(q: Tensor, k: Tensor, v: Tensor, windows: Windows, out: Tensor) -> None:
+    """Each window's queries attend to its keys, a piece of windows at a time (Tuning.piece_tokens
+    queries), the outputs of all query slots written into out.
 
-    q: (N, H, Dh); k, v: (N, Hkv, Dh), N = B * L flat tokens, H a multiple of Hkv -> the output of
-    every query slot, (W * Sq, H, Dh)."""
+    q: (N, H, Dh); k, v: (N, Hkv, Dh), N = B * L flat tokens, H a multiple of Hkv; out: (W, Sq, H, Dh)."""
     gather = lambda t, index: t[index].transpose(1, 2)  # (N, h, Dh) -> (w, h, S, Dh)
     piece_tokens = tuning(q.device).piece_tokens
     per_piece = None if piece_tokens is None else max(1, piece_tokens // windows.queries.shape[1])
-    outputs = []
     for piece in pieces(len(windows.queries), per_piece):
         queries, keys = windows.queries[piece], windows.keys[piece]
         attended = F.scaled_dot_product_attention(gather(q, queries), gather(k, keys), gather(v, keys),
                                                   attn_mask=windows.mask[piece][:, None], enable_gqa=True)
-        outputs.append(attended.transpose(1, 2).flatten(0, 1))
-    return torch.cat(outputs) if len(outputs) > 1 else outputs[0]  # (W * Sq, H, Dh)
+        out[piece] = attended.transpose(1, 2)  # in place: one piece at a time
 
 
 class LocalSwin(AttentionProjections):
@@ -614,8 +653,13 @@ class LocalSwin(AttentionProjections):
         """Full-sequence pass: x (B, L, D) -> (B, L, D) and the text window's ring for decoding."""
         batch, length, _ = x.shape
         q, k, v = (t.flatten(0, 1) for t in per_token(self.qkv, x, *rope))  # (B * L, h, Dh)
-        outputs = [window_attention(q, k, v, w) for w in (windows.text, windows.swin) if w is not None]
-        out = torch.cat(outputs)[windows.source]  # (B * L, H, Dh): each token's output, from the window that gives it
+        present = [w for w in (windows.text, windows.swin) if w is not None]
+        slots = q.new_empty(sum(w.queries.numel() for w in present), *q.shape[1:])  # every window's query slots
+        start = 0
+        for w in present:
+            window_attention(q, k, v, w, slots.narrow(0, start, w.queries.numel()).unflatten(0, w.queries.shape))
+            start += w.queries.numel()
+        out = slots[windows.source]  # (B * L, H, Dh): each token's output, from the window that gives it
         # the ring: position p in slot p mod W; the last W - 1 prompt tokens are in it (slots of
         # positions before the prompt, p < 0, get any finite values: they stay masked until overwritten)
         W = self.text_window
@@ -644,12 +688,15 @@ class PromptPlan:
     so that no layer computes anything from the prompt's content or waits on the host.
 
     rope: (cos, sin), each (B, L, Dh); visual: (B, L) bool, or None when the prompt has no visual
-    token; windows: Local-Swin's, (unshifted, shifted), None for the teacher; new_tokens: how many
-    tokens the decoding caches leave room for after the prompt."""
+    token; windows: Local-Swin's, (unshifted, shifted), None for the teacher; scans: Rotary
+    Major-Scan's (order, inverse) for each of MAJOR_ORDERS, None for the teacher, without
+    rotary_scan, or without visual tokens; new_tokens: how many tokens the decoding caches leave
+    room for after the prompt."""
 
     rope: tuple[Tensor, Tensor]
     visual: Tensor | None
     windows: tuple[LocalWindows, LocalWindows] | None
+    scans: tuple[tuple[Tensor, Tensor], ...] | None = None
     new_tokens: int = 0
 
     @classmethod
@@ -658,13 +705,15 @@ class PromptPlan:
         """The plan of a prompt for the teacher (mixer None) or a student with these M-MATE settings.
         Here, once per prompt, the host may wait on the device (nonzero, unique, counts)."""
         has_visual, has_text = bool(layout.visual.any()), not bool(layout.visual.all())
-        windows = None
+        windows, scans = None, None
+        if mixer is not None and mixer.rotary_scan and has_visual:
+            scans = tuple(major_order(layout, axes) for axes in MAJOR_ORDERS)
         if mixer is not None:
             text = text_windows(layout, mixer.text_window) if has_text else None
             shape = (mixer.window_frames, mixer.window_rows, mixer.window_cols)
             windows = tuple(LocalWindows.build(layout, text, swin_windows(layout, shape, shifted) if has_visual else None)
                             for shifted in (False, True))
-        return cls(rope, layout.visual if has_visual else None, windows, new_tokens)
+        return cls(rope, layout.visual if has_visual else None, windows, scans, new_tokens)
 
 
 @dataclass
@@ -684,11 +733,13 @@ class MMATE(nn.Module):
     sigmoid is our exact form). w = 0, b = 0 at initialization: an even mix of two branches that
     each start as an approximation of the teacher's attention. `branches` selects "both", or a
     single branch ("flex" in distillation stage 1 and ablations, "swin" in an ablation).
+    Layer i shifts its Swin windows when i is odd and scans in MAJOR_ORDERS[i % 4] (shifted, scan_order).
     """
 
     def __init__(self, d_model: int, heads: int, kv_heads: int, head_dim: int, cfg: MixerConfig,
-                 shifted: bool, eps: float = 1e-5):
+                 shifted: bool, scan_order: int = 0, eps: float = 1e-5):
         super().__init__()
+        self.scan_order = scan_order
         self.flex = FlexMA(d_model, heads, head_dim, cfg, eps)
         self.swin = LocalSwin(d_model, heads, kv_heads, head_dim, cfg, shifted)
         self.gate = nn.Linear(d_model, 1)
@@ -698,7 +749,7 @@ class MMATE(nn.Module):
 
     @classmethod
     def from_attention(cls, attn: AttentionProjections, d_model: int, cfg: MixerConfig, shifted: bool,
-                       eps: float = 1e-5) -> MMATE:
+                       scan_order: int = 0, eps: float = 1e-5) -> MMATE:
         """Build an M-MATE layer from a (GQA) self-attention layer's q/k/v/o projections.
 
         Local-Swin takes q/k/v/o as they are. Flex-MA follows the attention-to-SSM mapping
@@ -710,7 +761,7 @@ class MMATE(nn.Module):
         The result is a deterministic function of the attention weights.
         """
         heads, kv_heads, head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
-        layer = cls(d_model, heads, kv_heads, head_dim, cfg, shifted, eps).to(attn.q_proj.weight)
+        layer = cls(d_model, heads, kv_heads, head_dim, cfg, shifted, scan_order, eps).to(attn.q_proj.weight)
         with torch.no_grad():
             for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 getattr(layer.swin, name).weight.copy_(getattr(attn, name).weight)
@@ -733,7 +784,8 @@ class MMATE(nn.Module):
 
     def forward(self, x: Tensor, plan: PromptPlan) -> tuple[Tensor, MMATECache]:
         """The mixer contract of the decoder, for the whole prompt: x (B, L, D) -> (B, L, D) and the decoding cache."""
-        flex, flex_cache = self.flex(x, plan.visual) if self.branches != "swin" else (None, None)
+        scan = plan.scans[self.scan_order] if plan.scans is not None else None
+        flex, flex_cache = self.flex(x, plan.visual, scan) if self.branches != "swin" else (None, None)
         swin, swin_cache = (self.swin(x, plan.rope, plan.windows[self.swin.shifted]) if self.branches != "flex"
                             else (None, None))
         return self._mix(x, flex, swin), MMATECache(flex_cache, swin_cache)
@@ -878,8 +930,9 @@ class TextConfig:
 
 def mixer_config(d: dict) -> MixerConfig:
     """A checkpoint's "linmu" entry. Checkpoints written before the SSD chunk length became a
-    device setting (Tuning) also hold "chunk_size", which no longer describes the model."""
-    return MixerConfig(**{k: v for k, v in d.items() if k != "chunk_size"})
+    device setting (Tuning) also hold "chunk_size", which no longer describes the model; those
+    written before Rotary Major-Scan have no "rotary_scan" and keep scanning the prompt's order."""
+    return MixerConfig(**{"rotary_scan": False, **{k: v for k, v in d.items() if k != "chunk_size"}})
 
 
 @dataclass
@@ -1162,7 +1215,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg) if linmu is None else MMATE(
             cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, linmu,
-            shifted=index % 2 == 1, eps=cfg.rms_norm_eps)
+            shifted=index % 2 == 1, scan_order=index % len(MAJOR_ORDERS), eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
@@ -1341,6 +1394,7 @@ def convert_to_linmu(teacher: VLM, mixer: MixerConfig | None = None) -> VLM:
     student.model.text_model.mixer = mixer
     for i, layer in enumerate(student.model.text_model.layers):
         layer.self_attn = MMATE.from_attention(layer.self_attn, text.hidden_size, mixer, shifted=i % 2 == 1,
+                                               scan_order=i % len(MAJOR_ORDERS),
                                                eps=text.rms_norm_eps)
     return student
 

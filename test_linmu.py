@@ -266,21 +266,53 @@ def test_flex_ma_matches_its_definition(piece, monkeypatch):
     assert torch.allclose(out, flex_reference(flex, u, VISUAL), rtol=0, atol=1e-10)
 
 
-def test_flex_ma_text_is_causal_and_visual_is_bidirectional(small_chunks):
+@pytest.mark.parametrize("rotary", [False, True])
+def test_flex_ma_text_is_causal_and_visual_is_bidirectional(small_chunks, rotary):
     flex = tiny_flex()
     u = torch.randn(1, VISUAL.shape[1], 12, dtype=torch.float64)
-    base, _ = flex(u, VISUAL)
+    grids = [(1, 1, 3), (2, 2, 1), (1, 1, 1)]  # VISUAL's runs of 3, 4 and 1 visual tokens
+    scan = linmu.major_order(TokenLayout.build(VISUAL.long(), 1, [grids]), (3, 2, 1)) if rotary else None
+    base, _ = flex(u, VISUAL, scan)
     for changed in range(VISUAL.shape[1]):
         v = u.clone()
         v[:, changed] += 1.0
-        out, _ = flex(v, VISUAL)
+        out, _ = flex(v, VISUAL, scan)
         moved = (out - base).abs().amax(-1)[0] > 1e-9
         if not VISUAL[0, changed]:  # a text token influences no earlier position
             assert not moved[:changed].any(), changed
-        else:  # a visual token reaches every earlier visual token, and no earlier text token
+        elif not rotary:  # a visual token reaches every earlier visual token, and no earlier text token
             assert moved[:changed][VISUAL[0, :changed]].all(), changed
             assert not moved[:changed][~VISUAL[0, :changed]].any(), changed
         assert moved[changed:].any()
+
+
+def test_rotary_major_scan_lays_each_grid_out_in_its_major_order():
+    visual, grids = make_sequence([2, (1, 3, 4), 3, (3, 2, 2), 1])
+    layout = layout_of(visual, grids, batch=2)
+    cells = layout.cells[0].tolist()
+    for axes in linmu.MAJOR_ORDERS:
+        order, inverse = linmu.major_order(layout, axes)
+        positions = torch.arange(len(visual)).expand(2, -1)
+        assert torch.equal(order.gather(1, inverse), positions) and torch.equal(inverse.gather(1, order), positions)
+        assert torch.equal(order[:, ~visual], positions[:, ~visual])  # text stays where it is
+        for g in range(len(grids)):  # the grid's positions, in turn, hold its tokens in the major order
+            slots = [i for i, c in enumerate(cells) if c[0] == g]
+            scanned = [tuple(cells[j][a] for a in axes) for j in order[0, slots].tolist()]
+            assert scanned == sorted(scanned) and sorted(order[0, slots].tolist()) == slots
+    assert not torch.equal(linmu.major_order(layout, (2, 3, 1))[0], positions)  # a time-major order moves tokens
+
+
+def test_flex_ma_with_rotary_scan_is_flex_ma_on_the_permuted_sequence(small_chunks):
+    flex = tiny_flex()
+    visual, grids = make_sequence([1, (3, 2, 2), 2])
+    layout = layout_of(visual, grids)
+    u = torch.randn(1, len(visual), 12, dtype=torch.float64)
+    order, inverse = linmu.major_order(layout, (2, 3, 1))
+    out, cache = flex(u, layout.visual, (order, inverse))
+    scanned, scanned_cache = flex(u[:, order[0]], layout.visual)  # the definition: scan the permuted sequence
+    assert torch.allclose(out, scanned[:, inverse[0]], rtol=0, atol=1e-12)
+    assert torch.allclose(cache.ssm, scanned_cache.ssm, rtol=0, atol=1e-12)
+    assert not torch.allclose(out, flex(u, layout.visual)[0], atol=1e-6)  # the order matters
 
 
 def test_flex_ma_prefill_then_steps_equals_full_pass(small_chunks):
@@ -787,10 +819,10 @@ def test_config_parses_transformers_4_and_5_forms():
     assert "rope_theta" not in hf5["text_config"] and hf5["dtype"] == "bfloat16"
     assert VLMConfig.from_hf_dict(hf5) == c4
     check_256m(VLMConfig.from_hf_dict(json.loads((ROOT / "configs" / "smolvlm2-256m.json").read_text())))
-    student = VLMConfig.from_hf_dict({**hf5, "linmu": {"text_window": 32, "branches": "flex"}})
+    student = VLMConfig.from_hf_dict({**hf5, "linmu": {"text_window": 32, "branches": "flex", "rotary_scan": True}})
     assert student.linmu == MixerConfig(text_window=32, branches="flex")
     older = VLMConfig.from_hf_dict({**hf5, "linmu": {"chunk_size": 64, "branches": "flex"}})  # now a device setting
-    assert older.linmu == MixerConfig(branches="flex")
+    assert older.linmu == MixerConfig(branches="flex", rotary_scan=False)  # written before Rotary Major-Scan
     assert VLMConfig.from_hf_dict(student.to_hf_dict()) == student
 
 
