@@ -64,12 +64,16 @@ class MixerConfig:
 class Tuning:
     """How the decoder cuts a long prompt into work on one kind of device. These settings change
     speed and memory, never the result (beyond rounding), so they belong to the machine, not to
-    the model. The values in TUNING were measured with bench.py (README).
+    the model. The values in TUNING come from the measurements below.
 
     piece_tokens: the prompt is worked through this many tokens at a time, None for all at once
-      (see pieces). A CPU wants small pieces, whose temporaries stay in its caches; a GPU wants
-      the whole prompt, a few large kernels per layer instead of many small ones.
-    chunk_size: the SSD scan's chunk length Q (see ssd_scan).
+      (see pieces). A CPU wants small pieces, whose temporaries stay in its caches (2048 took
+      LinMU's prefill at 19k video tokens from 7.35 to 3.9 s in bench.py on a 2-core CPU); a GPU
+      wants the whole prompt, a few large kernels per layer instead of many small ones.
+    chunk_size: the SSD scan's chunk length Q (see ssd_scan). On an H100 (torch 2.11, bf16, 65,536
+      tokens, 9 heads), ssd_scan took 4.2 ms at Q = 64 and 4.8 ms at Q = 128 eager, 2.0 ms both
+      compiled, with peaks of 1,494 and 1,242 MiB; Q = 256 did not compile (an inductor error in
+      torch 2.11's scan code generation). 128 it is, for the memory; a CPU keeps 64.
     """
 
     piece_tokens: int | None
@@ -689,14 +693,14 @@ class PromptPlan:
 
     rope: (cos, sin), each (B, L, Dh); visual: (B, L) bool, or None when the prompt has no visual
     token; windows: Local-Swin's, (unshifted, shifted), None for the teacher; scans: Rotary
-    Major-Scan's (order, inverse) for each of MAJOR_ORDERS, None for the teacher, without
-    rotary_scan, or without visual tokens; new_tokens: how many tokens the decoding caches leave
-    room for after the prompt."""
+    Major-Scan's (order, inverse) for each of MAJOR_ORDERS (None for the first, the prompt's own
+    order), None for the teacher, without rotary_scan, or without visual tokens; new_tokens: how
+    many tokens the decoding caches leave room for after the prompt."""
 
     rope: tuple[Tensor, Tensor]
     visual: Tensor | None
     windows: tuple[LocalWindows, LocalWindows] | None
-    scans: tuple[tuple[Tensor, Tensor], ...] | None = None
+    scans: tuple[tuple[Tensor, Tensor] | None, ...] | None = None
     new_tokens: int = 0
 
     @classmethod
@@ -706,8 +710,8 @@ class PromptPlan:
         Here, once per prompt, the host may wait on the device (nonzero, unique, counts)."""
         has_visual, has_text = bool(layout.visual.any()), not bool(layout.visual.all())
         windows, scans = None, None
-        if mixer is not None and mixer.rotary_scan and has_visual:
-            scans = tuple(major_order(layout, axes) for axes in MAJOR_ORDERS)
+        if mixer is not None and mixer.rotary_scan and has_visual:  # the first order is the prompt's own
+            scans = (None, *(major_order(layout, axes) for axes in MAJOR_ORDERS[1:]))
         if mixer is not None:
             text = text_windows(layout, mixer.text_window) if has_text else None
             shape = (mixer.window_frames, mixer.window_rows, mixer.window_cols)
