@@ -16,11 +16,13 @@ then the question. Per workload and model:
   * prefill: the decoder reading the prompt (synthetic token ids, random visual embeddings in
     place of the connector's output, the right grids) up to the first generated token; this is
     the part LinMU changes, and what lets a CPU reach long videos;
-  * TTFT: end to end, the vision encoder on random 512x512 frames, then the same prefill (only
-    for workloads with at most --vision-frames frames: SigLIP's cost is the same for both models
-    and linear in frames, a few seconds per frame on a CPU);
+  * the vision encoder and connector on random 512x512 frames, timed once per workload (the
+    student keeps the teacher's: the same module, the same time), for workloads with at most
+    --vision-frames frames; TTFT is its time plus the prefill's;
   * decoding: generated tokens per second over --new-tokens greedy steps after the prefill, at
-    batch 1 and at --batch (the batch-1 prefill's caches repeated, as identical prompts give);
+    batch 1 and at --batch (the batch-1 prefill's caches repeated, as identical prompts give),
+    through linmu.decoder: fixed-size caches written in place, replayed as a CUDA graph on CUDA
+    for both models (the first step, which records the graph, is not timed);
   * peak memory of the prefill: on CUDA torch.cuda.max_memory_allocated above what was allocated
     before; on CPU the growth of the process's peak resident set (VmHWM, reset through
     /proc/self/clear_refs) above its resident set before.
@@ -32,8 +34,10 @@ which cost both the same.
 
 Token ids, embeddings, frames and layouts are prepared outside the timed regions; each number is
 the median of --repeats runs after --warmup untimed runs, with CUDA synchronized around them. With
---variants compile every decoder and vision layer is torch.compile'd; the compile time (the
-warm-up runs less as many timed runs) is reported on its own, never inside a timing.
+--variants compile, linmu.compile_model compiles every decoder and vision layer and the decoding
+step; the compile time (the warm-up runs less as many timed runs) is reported on its own, never
+inside a timing. Every row is printed as soon as it is measured, and --json is rewritten after
+each, so an interrupted run keeps what it measured.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """LinMU on a laptop: a toy teacher, the three distillation stages and the paper's ablations, on CPU.
 
-    python toy.py                       # the whole experiment (about 9 minutes on 2 CPU cores), a table at the end
+    python toy.py                       # the whole experiment (9 to 16 minutes on 2 CPU cores), a table at the end
     python toy.py --out toy.json        # the same, and the table as JSON
     python toy.py --quick               # a shortened run (what test_linmu.py checks)
 
