@@ -1598,6 +1598,17 @@ def test_toy_task_is_deterministic_and_answers_match_the_video():
     assert (int(ys.min()) // task.cell, int(xs.min()) // task.cell) == (int(words[2][3:]), int(words[3][3:]))
 
 
+def test_toy_summary_is_the_mean_and_spread_over_seeds():
+    run = lambda accuracy: {"rows": [{"model": "m", "stages": "1", "accuracy": accuracy, "of_teacher": accuracy,
+                                      "agreement": 1.0, "kl": 0.1, "top1": 0.5}]}
+    (row,) = toy.summarize([run(0.90), run(0.96), run(0.93)])
+    assert row["accuracy"] == pytest.approx(0.93) and row["accuracy_std"] == pytest.approx(0.03)
+    assert row["kl_std"] == 0.0
+    assert "0.930 ± 0.030" in toy.table([row], seeds=3) and "0.930 |" in toy.table([row], seeds=1)
+    with pytest.raises(SystemExit):
+        toy.main(["--seeds", "0"])
+
+
 def test_student_agreement_with_the_teacher_rises_across_the_stages():
     result = toy.run(toy.QUICK, seed=0, recipes=toy.RECIPES[:4])
     teacher, init, *stages = result["rows"]

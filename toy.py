@@ -35,7 +35,8 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+import statistics
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -235,7 +236,8 @@ QUICK = Settings(teacher_steps=150, teacher_batch=16, teacher_lr=5e-3, stage_ste
                  stage_lr=(1.5e-2, 1e-2, 3e-3), batch_size=8, kl_weight=3.0, temperature=2.0, eval_batches=1)
 
 # The rows after the teacher: (name, the stages run with their overrides). A row starting with the
-# stages of an earlier row continues from that row's student (no stage is trained twice).
+# stages of an earlier row continues from that row's student (no stage is trained twice). Stage 0
+# is the conversion itself, with MixerConfig overrides (the default conversion when absent).
 RECIPES = [
     ("no distillation (converted init)", []),
     ("stage 1 (Flex-MA)", [(1, {})]),
@@ -246,6 +248,7 @@ RECIPES = [
     ("ablation: Local-Swin only", [(2, {"branches": "swin"}), (3, {"branches": "swin"})]),
     ("hidden target \"stream\": stages 1-3", [(1, {"hidden_target": "stream"}), (2, {"hidden_target": "stream"}),
                                               (3, {"hidden_target": "stream"})]),
+    ("ablation: no Rotary Major-Scan", [(0, {"rotary_scan": False}), (1, {}), (2, {}), (3, {})]),
 ]
 
 
@@ -272,6 +275,10 @@ def run(settings: Settings, seed: int, recipes: list = RECIPES, task: Task = Tas
         student = copy.deepcopy(students[done])
         for i in range(len(done), len(key)):
             stage, overrides = recipe[i]
+            if stage == 0:
+                student = convert_to_linmu(teacher, replace(toy_mixer(task), **overrides))
+                students[key[:i + 1]] = copy.deepcopy(student)
+                continue
             torch.manual_seed(seed + stage)
             cfg = DistillConfig(stage=stage, steps=settings.stage_steps[stage - 1], lr=settings.stage_lr[stage - 1],
                                 batch_size=settings.batch_size, kl_weight=settings.kl_weight, temperature=settings.temperature,
@@ -280,7 +287,7 @@ def run(settings: Settings, seed: int, recipes: list = RECIPES, task: Task = Tas
             batch_at = lambda j, s=stage: make_batch(task, settings.batch_size, sample_seed(seed, "distill", 10_000 * s + j))
             train_stage(student, teacher, batch_at, [], cfg)
             students[key[:i + 1]] = copy.deepcopy(student)
-        row = {"model": name, "stages": " + ".join(str(s) for s, _ in recipe) or "-",
+        row = {"model": name, "stages": " + ".join(str(s) for s, _ in recipe if s) or "-",
                **measure(student, held_out, teacher, teacher_answers)}
         row["of_teacher"] = row["accuracy"] / base["accuracy"]
         rows.append(row)
@@ -291,13 +298,32 @@ def run(settings: Settings, seed: int, recipes: list = RECIPES, task: Task = Tas
             "held_out_samples": sum(len(b["answer"]) for b in held_out), "seconds": time.perf_counter() - started}
 
 
-def table(result: dict) -> str:
-    """The results as a markdown table."""
+METRICS = ("accuracy", "of_teacher", "agreement", "kl", "top1")
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """One row per model over the seeds' runs: each metric's mean, and its standard deviation
+    across seeds (0 for a single seed)."""
+    rows = []
+    for same in zip(*(result["rows"] for result in results)):
+        row = {"model": same[0]["model"], "stages": same[0]["stages"]}
+        for metric in METRICS:
+            values = [r[metric] for r in same]
+            row[metric] = statistics.fmean(values)
+            row[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict], seeds: int) -> str:
+    """The summary as a markdown table: the mean over the seeds, and its spread where there are several."""
+    cell = lambda r, metric, spec: (format(r[metric], spec) if seeds == 1
+                                    else f"{format(r[metric], spec)} ± {format(r[f'{metric}_std'], spec)}")
     lines = ["| model | stages | held-out exact match | % of teacher | answers = teacher's | token KL to teacher | token top-1 agreement |",
              "|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['model']} | {r['stages']} | {r['accuracy']:.3f} | {r['of_teacher']:.0%} | "
-                     f"{r['agreement']:.3f} | {r['kl']:.4f} | {r['top1']:.3f} |")
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['stages']} | {cell(r, 'accuracy', '.3f')} | {cell(r, 'of_teacher', '.0%')} | "
+                     f"{cell(r, 'agreement', '.3f')} | {cell(r, 'kl', '.4f')} | {cell(r, 'top1', '.3f')} |")
     return "\n".join(lines)
 
 
@@ -307,15 +333,25 @@ def main(argv: list[str] | None = None) -> None:
                                                  "and the ablations, print a table of held-out accuracies.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the teacher and the distillation")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="run the whole experiment for this many seeds (--seed, --seed + 1, ...) and report "
+                             "each row's mean and standard deviation across them")
     parser.add_argument("--quick", action="store_true", help="a shortened run (a few steps per phase, for tests)")
-    parser.add_argument("--out", help="also write the results (rows, settings, wall time) to this JSON file")
+    parser.add_argument("--out", help="also write the results (each seed's rows, the summary, settings, wall time) "
+                                      "to this JSON file")
     args = parser.parse_args(argv)
-    result = run(QUICK if args.quick else FULL, args.seed)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, not {args.seeds}")
+    results = [run(QUICK if args.quick else FULL, seed) for seed in range(args.seed, args.seed + args.seeds)]
+    summary = summarize(results)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-    print(table(result))
-    print(f"\n{result['held_out_samples']} held-out videos, seed {result['seed']}, {result['seconds'] / 60:.1f} minutes")
+            json.dump({"summary": summary, "runs": results}, f, indent=2)
+    print(table(summary, args.seeds))
+    minutes = sum(r["seconds"] for r in results) / 60
+    seeds = ", ".join(str(r["seed"]) for r in results)
+    print(f"\n{results[0]['held_out_samples']} held-out videos, seed{'s' if args.seeds > 1 else ''} {seeds}, "
+          f"{minutes:.1f} minutes")
 
 
 if __name__ == "__main__":
