@@ -328,7 +328,7 @@ def bench_model(model: VLM, load: Workload, args, device: torch.device) -> dict:
     row = dict(prefill_s=run.seconds, peak_mib=None if run.peak_bytes is None else run.peak_bytes / 2**20,
                cache_mib=cache_bytes(caches) / 2**20, warmup_extra_s=run.warmup_extra)
     for batch in (1, args.batch):
-        step = decoder(model, repeat_batch(caches, batch))  # the caches of `batch` identical prompts
+        step = decoder(model, repeat_batch(caches, batch) if batch > 1 else caches)  # `batch` identical prompts
         first = token.repeat(batch)
         started = time.perf_counter()
         step(first, torch.full((1,), ids.shape[1], device=device))  # on CUDA: records the CUDA graph

@@ -252,8 +252,9 @@ def carry_across_chunks(chunk_states: Tensor, chunk_log_decay: Tensor, state: Te
     stays linear and the number of torch operations does not depend on c:
       * within blocks of R = CHUNKS_PER_BLOCK chunks, from the block's own chunks ((R+1) x R per block);
       * across blocks, from each block's own final state and `state`: ((c/R + 1) x (c/R + 1)), a
-        quadratic term with so small a constant (c/R is 19 blocks at 75k tokens and Q = 64) that
-        it stays under 1% of the scan's FLOPs below about a million tokens.
+        quadratic term with a small constant: with R = 16, P = N = 64 and Q = 128 (a GPU's whole
+        prompt) its FLOPs are about 0.3% of steps 1, 2 and 4's at 75k tokens and 4% at a million,
+        and next to nothing in a CPU's 2048-token pieces.
     """
     batch, heads, chunks, P, N = chunk_states.shape
     R = CHUNKS_PER_BLOCK
@@ -500,7 +501,7 @@ class FlexMA(nn.Module):
             backward, _ = self._scan(xBC, dt, A, visual)  # s > t
             ys = [y.addcmul_(b, visual[:, piece, None, None]) for y, b, piece in zip(ys, backward, spans)]
         K = self.conv_forward.kernel_size[0]
-        last = xBC[:, -(K - 1):].transpose(1, 2)  # the last K-1 inputs (fewer for short prompts)
+        last = xBC[:, max(0, xBC.shape[1] - (K - 1)):].transpose(1, 2)  # the last K-1 inputs (fewer for short prompts)
         conv_state = F.pad(last, (K - 1 - last.shape[-1], 0))  # (B, C, K-1)
         out = torch.cat([self._output(y, z[:, piece]) for y, piece in zip(ys, spans)], dim=1)
         if scan is not None:
@@ -611,11 +612,16 @@ class LocalWindows:
     swin: Windows | None
     source: Tensor
 
+    @property
+    def present(self) -> list[Windows]:
+        """The kinds of window this prompt has, in the order their query slots are laid out."""
+        return [w for w in (self.text, self.swin) if w is not None]
+
     @classmethod
     def build(cls, layout: TokenLayout, text: Windows | None, swin: Windows | None) -> LocalWindows:
         source = torch.empty(layout.visual.numel(), dtype=torch.long, device=layout.visual.device)  # (B * L,)
         start = 0
-        for windows in [w for w in (text, swin) if w is not None]:
+        for windows in cls(text, swin, source).present:
             slots = windows.writes.flatten().nonzero().squeeze(1)  # the query slots that give a token's output
             source[windows.queries.flatten()[slots]] = start + slots
             start += windows.writes.numel()
@@ -657,10 +663,9 @@ class LocalSwin(AttentionProjections):
         """Full-sequence pass: x (B, L, D) -> (B, L, D) and the text window's ring for decoding."""
         batch, length, _ = x.shape
         q, k, v = (t.flatten(0, 1) for t in per_token(self.qkv, x, *rope))  # (B * L, h, Dh)
-        present = [w for w in (windows.text, windows.swin) if w is not None]
-        slots = q.new_empty(sum(w.queries.numel() for w in present), *q.shape[1:])  # every window's query slots
+        slots = q.new_empty(sum(w.queries.numel() for w in windows.present), *q.shape[1:])  # every query slot
         start = 0
-        for w in present:
+        for w in windows.present:
             window_attention(q, k, v, w, slots.narrow(0, start, w.queries.numel()).unflatten(0, w.queries.shape))
             start += w.queries.numel()
         out = slots[windows.source]  # (B * L, H, Dh): each token's output, from the window that gives it
@@ -720,6 +725,12 @@ class PromptPlan:
         return cls(rope, layout.visual if has_visual else None, windows, scans, new_tokens)
 
 
+def layer_pattern(index: int) -> dict:
+    """What changes from one M-MATE layer to the next: odd layers shift their Swin windows, and
+    the Rotary Major-Scan order rotates over MAJOR_ORDERS."""
+    return {"shifted": index % 2 == 1, "scan_order": index % len(MAJOR_ORDERS)}
+
+
 @dataclass
 class MMATECache:
     """An M-MATE layer's decoding state: Flex-MA's recurrent state and Local-Swin's text window (None when off)."""
@@ -737,7 +748,7 @@ class MMATE(nn.Module):
     sigmoid is our exact form). w = 0, b = 0 at initialization: an even mix of two branches that
     each start as an approximation of the teacher's attention. `branches` selects "both", or a
     single branch ("flex" in distillation stage 1 and ablations, "swin" in an ablation).
-    Layer i shifts its Swin windows when i is odd and scans in MAJOR_ORDERS[i % 4] (shifted, scan_order).
+    Which layer of the decoder it is sets `shifted` and `scan_order` (layer_pattern).
     """
 
     def __init__(self, d_model: int, heads: int, kv_heads: int, head_dim: int, cfg: MixerConfig,
@@ -1182,7 +1193,8 @@ class Attention(AttentionProjections):
         b, length, _ = x.shape
         q, k, v = (t.transpose(1, 2) for t in self.qkv(x, *plan.rope))  # (B, H, L, Dh), (B, Hkv, L, Dh)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        cache = KVCache(*(F.pad(t, (0, 0, 0, plan.new_tokens)) for t in (k, v)))  # (B, Hkv, L + new, Dh)
+        room = lambda t: F.pad(t, (0, 0, 0, plan.new_tokens)) if plan.new_tokens else t  # no copy when none is asked
+        cache = KVCache(room(k), room(v))  # (B, Hkv, L + new, Dh)
         return self.o_proj(y.transpose(1, 2).flatten(2)), cache
 
     def step(self, x: Tensor, rope: tuple[Tensor, Tensor], position: Tensor, cache: KVCache) -> Tensor:
@@ -1219,7 +1231,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg) if linmu is None else MMATE(
             cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, linmu,
-            shifted=index % 2 == 1, scan_order=index % len(MAJOR_ORDERS), eps=cfg.rms_norm_eps)
+            **layer_pattern(index), eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
@@ -1397,8 +1409,7 @@ def convert_to_linmu(teacher: VLM, mixer: MixerConfig | None = None) -> VLM:
     text = teacher.config.text
     student.model.text_model.mixer = mixer
     for i, layer in enumerate(student.model.text_model.layers):
-        layer.self_attn = MMATE.from_attention(layer.self_attn, text.hidden_size, mixer, shifted=i % 2 == 1,
-                                               scan_order=i % len(MAJOR_ORDERS),
+        layer.self_attn = MMATE.from_attention(layer.self_attn, text.hidden_size, mixer, **layer_pattern(i),
                                                eps=text.rms_norm_eps)
     return student
 

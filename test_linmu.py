@@ -245,9 +245,9 @@ def small_chunks(monkeypatch):
     set_tuning(monkeypatch, 2048, 4)
 
 
-def tiny_flex(seed=0):
+def tiny_flex(seed=0, conv_kernel=3):
     torch.manual_seed(seed)
-    flex = FlexMA(d_model=12, heads=2, head_dim=3, cfg=MixerConfig(conv_kernel=3)).double()
+    flex = FlexMA(d_model=12, heads=2, head_dim=3, cfg=MixerConfig(conv_kernel=conv_kernel)).double()
     with torch.no_grad():  # move every parameter off its special initial value
         for p in flex.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -315,8 +315,9 @@ def test_flex_ma_with_rotary_scan_is_flex_ma_on_the_permuted_sequence(small_chun
     assert not torch.allclose(out, flex(u, layout.visual)[0], atol=1e-6)  # the order matters
 
 
-def test_flex_ma_prefill_then_steps_equals_full_pass(small_chunks):
-    flex = tiny_flex()
+@pytest.mark.parametrize("conv_kernel", [3, 1])  # 1: no convolution inputs to carry
+def test_flex_ma_prefill_then_steps_equals_full_pass(small_chunks, conv_kernel):
+    flex = tiny_flex(conv_kernel=conv_kernel)
     visual = torch.cat([VISUAL, torch.zeros(1, 6, dtype=torch.bool)], 1)
     u = torch.randn(2, visual.shape[1], 12, dtype=torch.float64)
     full, final = flex(u, visual.expand(2, -1))
