@@ -30,6 +30,8 @@ MIXER_HELP = {
     "branches": "M-MATE branches: both, flex or swin",
     "rotary_scan": "Rotary Major-Scan: Flex-MA reads each visual grid in a major order that rotates from layer "
                    "to layer (--no-rotary-scan: the prompt's own order in every layer)",
+    "dt_max": "Flex-MA's initial step sizes, log-spaced over the heads from 1e-3 to this",
+    "A_max": "Flex-MA's initial decay rates, spread over the heads from 1 to this",
 }
 BRANCHES = ["both", "flex", "swin"]
 
@@ -52,8 +54,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.add_argument(flag, type=type(field.default), default=field.default, help=help,
                                 choices=BRANCHES if field.name == "branches" else None)
     args = parser.parse_args(argv)
-    check_bounds(args, at_least={f.name: 1 for f in fields(MixerConfig) if isinstance(f.default, int)
-                                 and not isinstance(f.default, bool)})
+    check_bounds(args, at_least={f.name: 1 for f in fields(MixerConfig) if type(f.default) is int},
+                 above={f.name: 0 for f in fields(MixerConfig) if type(f.default) is float})
 
     source = resolve_checkpoint(args.model)
     check_checkpoint(source, expect="teacher")

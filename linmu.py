@@ -47,7 +47,10 @@ class MixerConfig:
     text_window: how many previous tokens (any modality, itself included) a text token attends to;
     branches: "both" (M-MATE), or one branch alone: "flex" (stage 1, ablation) or "swin" (ablation);
     rotary_scan: Flex-MA reads each visual grid in a major order that rotates from layer to layer
-      (Rotary Major-Scan, see major_order); off, every layer scans the prompt's own order.
+      (Rotary Major-Scan, see major_order); off, every layer scans the prompt's own order;
+    dt_max, A_max: Flex-MA's initial step sizes and decay rates, spread over the heads: dt
+      log-spaced in [1e-3, dt_max], A evenly in [1, A_max] (they only set a conversion's starting
+      point: a checkpoint holds the trained values).
     The SSD scan's chunk length is not a property of the model but of the device: see Tuning.
     """
 
@@ -58,6 +61,8 @@ class MixerConfig:
     text_window: int = 128
     branches: str = "both"
     rotary_scan: bool = True
+    dt_max: float = 0.1
+    A_max: float = 16.0
 
 
 @dataclass(frozen=True)
@@ -418,11 +423,11 @@ class FlexMA(nn.Module):
         self.z_bias = nn.Parameter(torch.ones(self.d_inner))
         self.conv_forward = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.conv_kernel, groups=self.conv_dim)
         self.conv_backward = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.conv_kernel, groups=self.conv_dim)
-        # Mamba2's ranges, spread evenly over the heads instead of drawn at random (so conversion is
-        # deterministic): dt log-spaced in [1e-3, 1e-1] (stored through softplus's inverse), A in [1, 16].
-        dt = torch.logspace(-3, -1, heads)
+        # Spread evenly over the heads instead of drawn at random (so conversion is deterministic):
+        # dt log-spaced in [1e-3, dt_max] (stored through softplus's inverse), A in [1, A_max].
+        dt = torch.logspace(-3, math.log10(cfg.dt_max), heads)
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
-        self.A_log = nn.Parameter(torch.linspace(1, 16, heads).log())
+        self.A_log = nn.Parameter(torch.linspace(1, cfg.A_max, heads).log())
         self.D = nn.Parameter(torch.zeros(heads))
         self.norm = RMSNorm(head_dim, eps)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
@@ -772,7 +777,7 @@ class MMATE(nn.Module):
         (scaled by 1/sqrt(head_dim), attention's temperature), B <- W_K, x <- W_V, out_proj <- W_O,
         with K and V rows repeated from the kv heads to every query head (GQA). The rest is ours:
         the convolutions start as the identity (last tap 1), W_z and the dt rows as 0 (so the gate
-        and dt start input-independent), D as 0; dt_bias and A_log span Mamba2's ranges over the heads.
+        and dt start input-independent), D as 0; dt_bias and A_log span MixerConfig's ranges over the heads.
         The result is a deterministic function of the attention weights.
         """
         heads, kv_heads, head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim

@@ -254,6 +254,13 @@ def tiny_flex(seed=0, conv_kernel=3):
     return flex
 
 
+def test_flex_ma_starts_with_the_configured_step_sizes_and_decay_rates():
+    """What MixerConfig.dt_max and A_max promise: dt = softplus(dt_bias) log-spaced from 1e-3, A = -exp(A_log) from -1."""
+    flex = FlexMA(d_model=12, heads=3, head_dim=4, cfg=MixerConfig(dt_max=1e-2, A_max=4.0))
+    assert torch.allclose(F.softplus(flex.dt_bias), torch.tensor([1e-3, 10**-2.5, 1e-2]), rtol=1e-5)
+    assert torch.allclose(-flex.A_log.exp(), torch.tensor([-1.0, -2.5, -4.0]))
+
+
 VISUAL = torch.tensor([[0, 1, 1, 1, 0, 0, 1, 1, 1, 1, 0, 1, 0, 0, 0]], dtype=torch.bool)
 
 
@@ -484,9 +491,9 @@ def count_calls(fn) -> int:
     return calls.count
 
 
-def tiny_student_text_model():
+def tiny_student_text_model(layers=2):
     torch.manual_seed(0)
-    text = TextConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    text = TextConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
                       num_key_value_heads=2)
     return linmu.TextModel(text, MixerConfig(text_window=16))
 
@@ -513,10 +520,12 @@ def test_prefill_calls_a_fixed_number_of_torch_operations_whatever_the_length(pi
 
 
 def test_decoder_layers_compile_whole_and_serve_every_prompt_length(monkeypatch):
-    """fullgraph: no graph break (nothing waits on the host); dynamic: three lengths, one compilation."""
+    """fullgraph: no graph break (nothing waits on the host); dynamic: three lengths, one compilation;
+    layers of one kind share it (a 30-layer model compiles 4 M-MATE graphs, within dynamo's limit of 8)."""
     set_tuning(monkeypatch, None, 16)
     torch._dynamo.reset()
-    student = tiny_student_text_model().eval()
+    torch._dynamo.utils.counters.clear()
+    student = tiny_student_text_model(layers=len(linmu.MAJOR_ORDERS) + 1).eval()  # the last layer repeats the first's pattern
     teacher = linmu.TextModel(TextConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=2)).eval()
     for model in (student, teacher):  # the graph capture is tested here; inductor's code generation by bench.py
@@ -532,6 +541,8 @@ def test_decoder_layers_compile_whole_and_serve_every_prompt_length(monkeypatch)
                 compiled = [layer(h, model.plan(layout, h.dtype))[0] for layer in model.layers]
                 assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(eager, compiled))
             if i == 0:  # the first length compiled each layer's code; from now on a recompilation is an error
+                patterns = {tuple(linmu.layer_pattern(i).items()) for i in range(len(student.layers))}
+                assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == len(patterns) + 1  # + the teacher's
                 monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
 
 
@@ -1582,11 +1593,13 @@ def test_bench_bad_input_gives_a_one_line_error(bench_config, argv, message, cap
 # 10. toy.py: the whole distillation pipeline, shortened
 
 
-def test_toy_task_is_deterministic_and_answers_match_the_video():
-    task = toy.Task()
+@pytest.mark.parametrize("experiment", ["recipes", "local"])
+def test_toy_task_is_deterministic_and_answers_match_the_video(experiment):
+    task, _ = toy.EXPERIMENTS[experiment]
     a, b = toy.make_batch(task, 4, seed=7), toy.make_batch(task, 4, seed=7)
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
-    assert a["input_ids"].shape == (4, task.length) and a["pixel_values"].shape == (4 * task.frames, 3, 32, 32)
+    side = task.grid * task.cell
+    assert a["input_ids"].shape == (4, task.length) and a["pixel_values"].shape == (4 * task.frames, 3, side, side)
     assert int((a["input_ids"] == task.token("<image>")).sum()) == 4 * task.frames * task.grid**2
     words = [task.vocabulary[i] for i in a["input_ids"][0, -5:]]
     assert words[0] == "ask" and words[2].startswith("row") and words[3].startswith("col") and words[4] in toy.MOVES
@@ -1709,6 +1722,8 @@ MISTAKES = [  # (command, flags, what the error line says); {name} is a path of 
     pytest.param("convert.py", ["--model", "{missing}", "--out", "{out}"], "does not exist", id="convert-missing-model"),
     pytest.param("convert.py", ["--model", "{teacher}", "--out", "{out}", "--text-window", "0"],
                  "--text-window must be at least 1", id="convert-zero-text-window"),
+    pytest.param("convert.py", ["--model", "{teacher}", "--out", "{out}", "--A-max", "-1"],
+                 "--A-max must be more than 0", id="convert-negative-decay-rate"),
     pytest.param("distill.py", [*STAGE, "--steps", "-3"], "--steps must be at least 1, not -3",
                  id="distill-negative-steps"),
     pytest.param("distill.py", [*STAGE, "--batch-size", "0"], "--batch-size must be at least 1",

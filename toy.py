@@ -158,9 +158,11 @@ def toy_config(task: Task) -> VLMConfig:
 
 
 def toy_mixer(task: Task) -> MixerConfig:
-    """M-MATE sized for the toy: Swin windows of two whole frames, a text window of 8 tokens (one
-    question and a half: the frames are out of its reach)."""
-    return MixerConfig(window_frames=2, window_rows=task.grid, window_cols=task.grid, text_window=8)
+    """M-MATE sized for the toy: Swin windows of two frames, a text window of 8 tokens (one question
+    and a half: the frames are out of its reach). A window spans a whole 4 x 4 frame; on larger
+    grids (the local experiment) half a frame's side, so that it sees a neighbourhood."""
+    side = task.grid if task.grid <= 4 else task.grid // 2
+    return MixerConfig(window_frames=2, window_rows=side, window_cols=side, text_window=8)
 
 
 def train_teacher(teacher: VLM, task: Task, steps: int, batch_size: int, lr: float, seed: int) -> None:
@@ -251,6 +253,22 @@ RECIPES = [
     ("ablation: no Rotary Major-Scan", [(0, {"rotary_scan": False}), (1, {}), (2, {}), (3, {})]),
 ]
 
+# The local experiment: 6 x 6 grids, where a Swin window (two frames, 3 x 3 cells) sees a
+# neighbourhood and the cell a shape came from is 37 tokens back in the prompt's order (one frame
+# and a marker) but next to it in a time-major scan: the recipes that tell the branches and the
+# scan orders apart.
+LOCAL_RECIPES = [r for r in RECIPES if r[0] in ("LinMU: stages 1-3", "ablation: Flex-MA only", "ablation: no Rotary Major-Scan")]
+
+# The sweep: the full recipe (stages 1-3) under other distillation and initialization settings,
+# one changed at a time from the defaults: the logit-KL temperature T and weight w (the same in
+# every stage), and Flex-MA's initial dt/A spread (MixerConfig.dt_max, A_max).
+SWEEP = [(f"T = {T:g}, w = {w:g}", [(stage, {"temperature": T, "kl_weight": w}) for stage in (1, 2, 3)])
+         for T, w in [(1, 1), (2, 1), (2, 3), (4, 3), (2, 10)]]
+SWEEP += [(f"dt <= {dt:g}, A <= {A:g}", [(0, {"dt_max": dt, "A_max": A}), (1, {}), (2, {}), (3, {})])
+          for dt, A in [(1e-2, 1), (1e-1, 1)]]
+
+EXPERIMENTS = {"recipes": (Task(), RECIPES), "local": (Task(grid=6, cell=4), LOCAL_RECIPES), "sweep": (Task(), SWEEP)}
+
 
 def run(settings: Settings, seed: int, recipes: list = RECIPES, task: Task = Task()) -> dict:
     """Train the teacher, convert it, distill each recipe -> {"rows": [teacher, then one per recipe], ...}."""
@@ -280,16 +298,16 @@ def run(settings: Settings, seed: int, recipes: list = RECIPES, task: Task = Tas
                 students[key[:i + 1]] = copy.deepcopy(student)
                 continue
             torch.manual_seed(seed + stage)
-            cfg = DistillConfig(stage=stage, steps=settings.stage_steps[stage - 1], lr=settings.stage_lr[stage - 1],
-                                batch_size=settings.batch_size, kl_weight=settings.kl_weight, temperature=settings.temperature,
-                                warmup=settings.stage_steps[stage - 1] // 20,
-                                eval_every=0, save_every=0, seed=seed, **overrides)
+            cfg = DistillConfig(**{"stage": stage, "steps": settings.stage_steps[stage - 1], "lr": settings.stage_lr[stage - 1],
+                                   "batch_size": settings.batch_size, "kl_weight": settings.kl_weight,
+                                   "temperature": settings.temperature, "warmup": settings.stage_steps[stage - 1] // 20,
+                                   "eval_every": 0, "save_every": 0, "seed": seed, **overrides})
             batch_at = lambda j, s=stage: make_batch(task, settings.batch_size, sample_seed(seed, "distill", 10_000 * s + j))
             train_stage(student, teacher, batch_at, [], cfg)
             students[key[:i + 1]] = copy.deepcopy(student)
         row = {"model": name, "stages": " + ".join(str(s) for s, _ in recipe if s) or "-",
                **measure(student, held_out, teacher, teacher_answers)}
-        row["of_teacher"] = row["accuracy"] / base["accuracy"]
+        row["of_teacher"] = row["accuracy"] / base["accuracy"] if base["accuracy"] else math.nan
         rows.append(row)
         tqdm.write(f"{name}: exact match {row['accuracy']:.3f} ({row['of_teacher']:.0%} of the teacher), "
                    f"answers equal to the teacher's {row['agreement']:.3f}")
@@ -337,12 +355,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="run the whole experiment for this many seeds (--seed, --seed + 1, ...) and report "
                              "each row's mean and standard deviation across them")
     parser.add_argument("--quick", action="store_true", help="a shortened run (a few steps per phase, for tests)")
+    parser.add_argument("--experiment", choices=list(EXPERIMENTS), default="recipes",
+                        help="recipes: the three stages and the ablations on 4x4 grids; local: on 6x6 grids, "
+                             "where Local-Swin and the scan order have local structure to find (the full recipe, "
+                             "Flex-MA only, no Rotary Major-Scan); sweep: the full recipe under each setting "
+                             "of SWEEP (KL temperature and weight, Flex-MA's dt/A spread), how the defaults were chosen")
     parser.add_argument("--out", help="also write the results (each seed's rows, the summary, settings, wall time) "
                                       "to this JSON file")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, not {args.seeds}")
-    results = [run(QUICK if args.quick else FULL, seed) for seed in range(args.seed, args.seed + args.seeds)]
+    task, recipes = EXPERIMENTS[args.experiment]
+    results = [run(QUICK if args.quick else FULL, seed, recipes, task) for seed in range(args.seed, args.seed + args.seeds)]
     summary = summarize(results)
     if args.out:
         with open(args.out, "w") as f:
