@@ -1,7 +1,9 @@
 """LinMU on a laptop: a toy teacher, the three distillation stages and the paper's ablations, on CPU.
 
     python toy.py                       # the whole experiment (9 to 16 minutes on 2 CPU cores), a table at the end
-    python toy.py --out toy.json        # the same, and the table as JSON
+    python toy.py --seeds 3 --out toy.json  # three seeds: each row's mean and spread, and the results as JSON
+    python toy.py --experiment local    # 6 x 6 grids, where Local-Swin and the scan order have more to find
+    python toy.py --experiment sweep    # the distillation settings the defaults were chosen from
     python toy.py --quick               # a shortened run (what test_linmu.py checks)
 
 The paper's claim is about quality: the LinMU student matches its attention teacher, each
@@ -24,8 +26,9 @@ The experiment. A tiny attention teacher in the real architecture (linmu.VLM: Si
 pixel-shuffle connector, Llama decoder) is trained from scratch on the task; convert.py's code path
 (linmu.convert_to_linmu) turns it into a LinMU student, distill.py's train_stage runs the three
 stages on fresh task samples (answers included), and the ablations run beside it: no stage 1,
-no Local-Swin (Flex-MA only), no Flex-MA (Local-Swin only), no distillation, and the other
-hidden-state target ("stream"). Seeds are fixed: the same command prints the same table.
+no Local-Swin (Flex-MA only), no Flex-MA (Local-Swin only), no distillation, the other
+hidden-state target ("stream") and the prompt's own scan order (no Rotary Major-Scan). Seeds are
+fixed: the same command prints the same table.
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ import argparse
 import copy
 import json
 import math
+import os
 import time
 import statistics
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -361,17 +366,18 @@ def main(argv: list[str] | None = None) -> None:
                              "Flex-MA only, no Rotary Major-Scan); sweep: the full recipe under each setting "
                              "of SWEEP (KL temperature and weight, Flex-MA's dt/A spread), how the defaults were chosen")
     parser.add_argument("--out", help="also write the results (each seed's rows, the summary, settings, wall time) "
-                                      "to this JSON file")
+                                      "to this JSON file, rewritten after every seed")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, not {args.seeds}")
     task, recipes = EXPERIMENTS[args.experiment]
-    results = [run(QUICK if args.quick else FULL, seed, recipes, task) for seed in range(args.seed, args.seed + args.seeds)]
-    summary = summarize(results)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"summary": summary, "runs": results}, f, indent=2)
-    print(table(summary, args.seeds))
+    results = []
+    for seed in range(args.seed, args.seed + args.seeds):
+        results.append(run(QUICK if args.quick else FULL, seed, recipes, task))
+        if args.out:  # after every seed, atomically: an interrupted run keeps the seeds it finished
+            Path(f"{args.out}.tmp").write_text(json.dumps({"summary": summarize(results), "runs": results}, indent=2))
+            os.replace(f"{args.out}.tmp", args.out)
+    print(table(summarize(results), args.seeds))
     minutes = sum(r["seconds"] for r in results) / 60
     seeds = ", ".join(str(r["seed"]) for r in results)
     print(f"\n{results[0]['held_out_samples']} held-out videos, seed{'s' if args.seeds > 1 else ''} {seeds}, "
