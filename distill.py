@@ -75,9 +75,9 @@ class DistillConfig:
     warmup: int = 20
     weight_decay: float = 0.01
     clip: float = 1.0
-    temperature: float = 1.0
+    temperature: float = 4.0  # T and the KL weight: the best of toy.py's sweep (README)
     hidden_weight: float = 1.0
-    kl_weight: float = 1.0
+    kl_weight: float = 3.0
     hidden_target: str = "layer"
     branches: str | None = None  # None: "flex" in stage 1, "both" after; ablations force one branch
     lora_rank: int = 8
