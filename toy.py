@@ -259,7 +259,7 @@ RECIPES = [
 # The local experiment: 6 x 6 grids, where a Swin window (two frames, 3 x 3 cells) sees a
 # neighbourhood and the cell a shape came from is 37 tokens back in the prompt's order (one frame
 # and a marker) but next to it in a time-major scan: the recipes that tell the branches and the
-# scan orders apart.
+# scan orders apart. (Measured on seed 0, it does not: the README's table.)
 LOCAL_RECIPES = [r for r in RECIPES if r[0] in ("LinMU: stages 1-3", "ablation: Flex-MA only", "ablation: no Rotary Major-Scan")]
 
 # The sweep: the full recipe (stages 1-3) under other distillation and initialization settings:
