@@ -1,6 +1,6 @@
 """LinMU on a laptop: a toy teacher, the three distillation stages and the paper's ablations, on CPU.
 
-    python toy.py                       # the whole experiment (9 to 16 minutes on 2 CPU cores), a table at the end
+    python toy.py                       # the whole experiment (9 to 15 minutes on 2 CPU cores), a table at the end
     python toy.py --seeds 3 --out toy.json  # three seeds: each row's mean and spread, and the results as JSON
     python toy.py --experiment local    # 6 x 6 grids, where Local-Swin and the scan order have more to find
     python toy.py --experiment sweep    # the distillation settings the defaults were chosen from
