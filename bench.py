@@ -58,7 +58,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from linmu import (VLM, InputError, PromptPlan, TokenLayout, VLMConfig, check_bounds, check_checkpoint, check_device,
-                   compile_model, convert_to_linmu, decoder, load_model, resolve_checkpoint, tuning, user_errors)
+                   compile_model, convert_to_linmu, decoder, load_model, resolve_checkpoint, tuning, user_errors,
+                   write_json)
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "smolvlm2-256m.json"
 PREFIX_TOKENS, QUESTION_TOKENS = 16, 8  # chat template and system text before, the question after
@@ -596,13 +597,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  "layers": 0, "vision_frames": 0, "warmup": 0})
     args.device = device
     return args
-
-
-def write_json(path: str, payload: dict) -> None:
-    """Write the results so far, atomically: an interrupted run leaves the last complete file."""
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -1714,6 +1714,13 @@ def save_model(model: VLM, out_dir: str | os.PathLike, source: str | os.PathLike
     return out
 
 
+def write_json(path: str | Path, payload: dict) -> None:
+    """Write results so far, atomically: an interrupted run leaves the last complete file (bench.py, toy.py)."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line: describe an image or a video with a teacher or a LinMU student checkpoint
 

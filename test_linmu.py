@@ -541,7 +541,7 @@ def test_decoder_layers_compile_whole_and_serve_every_prompt_length(monkeypatch)
                 compiled = [layer(h, model.plan(layout, h.dtype))[0] for layer in model.layers]
                 assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(eager, compiled))
             if i == 0:  # the first length compiled each layer's code; from now on a recompilation is an error
-                patterns = {tuple(linmu.layer_pattern(i).items()) for i in range(len(student.layers))}
+                patterns = {tuple(linmu.layer_pattern(index).items()) for index in range(len(student.layers))}
                 assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == len(patterns) + 1  # + the teacher's
                 monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
 

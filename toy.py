@@ -28,27 +28,25 @@ pixel-shuffle connector, Llama decoder) is trained from scratch on the task; con
 stages on fresh task samples (answers included), and the ablations run beside it: no stage 1,
 no Local-Swin (Flex-MA only), no Flex-MA (Local-Swin only), no distillation, the other
 hidden-state target ("stream") and the prompt's own scan order (no Rotary Major-Scan). Seeds are
-fixed: the same command prints the same table.
+fixed: the same command prints the same table with the same number of threads (others round
+differently).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
-import os
 import time
 import statistics
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from distill import DistillConfig, evaluate, train_stage
-from linmu import VLM, MixerConfig, TextConfig, VisionConfig, VLMConfig, convert_to_linmu, generate
+from linmu import VLM, MixerConfig, TextConfig, VisionConfig, VLMConfig, convert_to_linmu, generate, write_json
 
 # ----------------------------------------------------------------------------------------------
 # The task: procedurally drawn videos of a walking shape, and questions about them
@@ -373,8 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     for seed in range(args.seed, args.seed + args.seeds):
         results.append(run(QUICK if args.quick else FULL, seed, recipes, task))
         if args.out:  # after every seed, atomically: an interrupted run keeps the seeds it finished
-            Path(f"{args.out}.tmp").write_text(json.dumps({"summary": summarize(results), "runs": results}, indent=2))
-            os.replace(f"{args.out}.tmp", args.out)
+            write_json(args.out, {"summary": summarize(results), "runs": results})
     print(table(summarize(results), args.seeds))
     minutes = sum(r["seconds"] for r in results) / 60
     seeds = ", ".join(str(r["seed"]) for r in results)
