@@ -531,19 +531,19 @@ def test_decoder_layers_compile_whole_and_serve_every_prompt_length(monkeypatch)
     for model in (student, teacher):  # the graph capture is tested here; inductor's code generation by bench.py
         for layer in model.layers:
             layer.compile(fullgraph=True, dynamic=True, backend="aot_eager")
-    with torch.no_grad():
-        for i, frames in enumerate((4, 7, 12)):  # 87, 144 (9 whole chunks) and 239 tokens
-            visual, grids = video_prompt(frames)
-            layout = layout_of(visual, grids)
-            h = torch.randn(1, len(visual), 32)
+    for i, frames in enumerate((4, 7, 12)):  # 87, 144 (9 whole chunks) and 239 tokens
+        visual, grids = video_prompt(frames)
+        layout = layout_of(visual, grids)
+        h = torch.randn(1, len(visual), 32)
+        # the first length compiles each layer's code; after it a recompilation is an error
+        with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=i > 0):
             for model in (student, teacher):
                 eager = [layer.forward(h, model.plan(layout, h.dtype))[0] for layer in model.layers]  # not compiled
                 compiled = [layer(h, model.plan(layout, h.dtype))[0] for layer in model.layers]
                 assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(eager, compiled))
-            if i == 0:  # the first length compiled each layer's code; from now on a recompilation is an error
-                patterns = {tuple(linmu.layer_pattern(index).items()) for index in range(len(student.layers))}
-                assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == len(patterns) + 1  # + the teacher's
-                monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+        if i == 0:
+            patterns = {tuple(linmu.layer_pattern(index).items()) for index in range(len(student.layers))}
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == len(patterns) + 1  # + the teacher's
 
 
 # ----------------------------------------------------------------------------------------------
@@ -999,13 +999,13 @@ def flat_tensors(caches) -> list:
     return found
 
 
-def test_a_whole_decoding_step_compiles_once_for_every_step_and_context(tiny_hub, monkeypatch):
+def test_a_whole_decoding_step_compiles_once_for_every_step_and_context(tiny_hub):
     """VLM.step has fixed shapes and no host synchronisation: it compiles whole, and neither the
     next position nor a longer context (a larger teacher cache) compiles it again."""
     torch._dynamo.reset()
     for model in decoding_models(tiny_hub).values():
-        monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", False)  # the first call compiles
         step = torch.compile(model.step, fullgraph=True, dynamic=True, backend="aot_eager")
+        compiled = False  # the first call compiles; any further compile is an error
         for length in (20, 33):
             ids = torch.randint(0, 250, (2, length), generator=torch.Generator().manual_seed(length))
             with torch.no_grad():
@@ -1013,8 +1013,9 @@ def test_a_whole_decoding_step_compiles_once_for_every_step_and_context(tiny_hub
                 reference = model(ids, new_tokens=16).caches  # the same caches, stepped eagerly
             token, position = out.logits[:, -1].argmax(-1), torch.tensor([length])
             for _ in range(16):  # outside no_grad, as a caller may be: the step itself needs no gradients
-                logits = step(token, position, out.caches)
-                monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # any further compile fails
+                with torch._dynamo.config.patch(error_on_recompile=compiled):
+                    logits = step(token, position, out.caches)
+                compiled = True
                 assert torch.allclose(logits, model.step(token, position, reference), rtol=0, atol=1e-10)
                 assert not logits.requires_grad and not any(t.requires_grad for t in flat_tensors(out.caches))
                 token, position = logits.argmax(-1), position + 1
