@@ -1596,21 +1596,30 @@ def test_bench_bad_input_gives_a_one_line_error(bench_config, argv, message, cap
 
 @pytest.mark.parametrize("experiment", ["recipes", "local"])
 def test_toy_task_is_deterministic_and_answers_match_the_video(experiment):
-    task, _ = toy.EXPERIMENTS[experiment]
+    task = toy.EXPERIMENTS[experiment][0]
     a, b = toy.make_batch(task, 4, seed=7), toy.make_batch(task, 4, seed=7)
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
     side = task.grid * task.cell
     assert a["input_ids"].shape == (4, task.length) and a["pixel_values"].shape == (4 * task.frames, 3, side, side)
     assert int((a["input_ids"] == task.token("<image>")).sum()) == 4 * task.frames * task.grid**2
-    words = [task.vocabulary[i] for i in a["input_ids"][0, -5:]]
-    assert words[0] == "ask" and words[2].startswith("row") and words[3].startswith("col") and words[4] in toy.MOVES
-    # the asked colour is painted in exactly one frame, in the answered cell
-    colour = torch.tensor(toy.COLOURS[words[1]])[:, None, None]
-    frames = a["pixel_values"][:task.frames]  # sample 0: (T, 3, H, W)
-    painted = ((frames - colour).abs().sum(1) < 1e-6)  # (T, H, W)
-    frame = int(painted.flatten(1).any(1).nonzero().squeeze())
-    ys, xs = painted[frame].nonzero().unbind(1)
-    assert (int(ys.min()) // task.cell, int(xs.min()) // task.cell) == (int(words[2][3:]), int(words[3][3:]))
+    for sample in range(4):
+        words = [task.vocabulary[i] for i in a["input_ids"][sample, -5:]]
+        assert words[0] == "ask" and words[2].startswith("row") and words[3].startswith("col") and words[4] in toy.MOVES
+        # the asked colour is painted in exactly one frame, in the answered cell
+        colour = torch.tensor(toy.COLOURS[words[1]])[:, None, None]
+        frames = a["pixel_values"].unflatten(0, (4, task.frames))[sample]  # (T, 3, H, W)
+        painted = ((frames - colour).abs().sum(1) < 1e-6)  # (T, H, W)
+        frame = int(painted.flatten(1).any(1).nonzero().squeeze())
+        ys, xs = painted[frame].nonzero().unbind(1)
+        cell = (int(ys.min()) // task.cell, int(xs.min()) // task.cell)
+        assert cell == (int(words[2][3:]), int(words[3][3:]))
+        # every frame shows task.walkers shapes (cells brighter than the background), and of those in
+        # the frame before, the only one on or next to the answered cell is where the move started
+        lit = frames.amax(1).unflatten(1, (task.grid, task.cell)).unflatten(3, (task.grid, task.cell)).amax((2, 4)) > 0.5
+        assert lit.flatten(1).sum(1).tolist() == [task.walkers] * task.frames
+        near = [(r, c) for r, c in lit[frame - 1].nonzero().tolist() if abs(r - cell[0]) + abs(c - cell[1]) <= 1]
+        step = toy.MOVES[words[4]]
+        assert near == [(cell[0] - step[0], cell[1] - step[1])]
 
 
 def test_toy_summary_is_the_mean_and_spread_over_seeds():
