@@ -4,6 +4,7 @@
     python toy.py --seeds 3 --out toy.json  # three seeds: each row's mean and spread, and the results as JSON
     python toy.py --experiment local    # two shapes at once: a move is told by its neighbourhood alone
     python toy.py --experiment sweep    # the distillation settings the defaults were chosen from
+    python toy.py --experiment long     # stage 2 four times as long: how close the student gets
     python toy.py --quick               # a shortened run (what test_linmu.py checks)
 
 The paper's claim is about quality: the LinMU student matches its attention teacher, each
@@ -298,8 +299,16 @@ SWEEP = [(f"T = {T:g}, w = {w:g}", [(stage, {"temperature": T, "kl_weight": w}) 
 SWEEP += [(f"T = 2, w = 3, dt <= {dt:g}, A <= {A:g}", [(0, {"dt_max": dt, "A_max": A})]
            + [(stage, {"temperature": 2, "kl_weight": 3}) for stage in (1, 2, 3)]) for dt, A in [(1e-2, 1), (1e-1, 1)]]
 
+# The long experiment: stage 2 trains four times as long (2,400 steps), for the full recipe and for
+# Flex-MA alone. The default run fits 15 minutes on 2 cores by stopping stage 2 at 600 steps, where
+# the student is still learning; this shows where each recipe goes given the steps.
+LONG_RECIPES = [r for r in RECIPES
+                if r[0] in ("stage 1 (Flex-MA)", "stages 1-2", "LinMU: stages 1-3", "ablation: Flex-MA only")]
+LONG = replace(FULL, stage_steps=(600, 2400, 150))
+
+# name: the task, its rows, how long they train
 EXPERIMENTS = {"recipes": (Task(), RECIPES, FULL), "local": (Task(walkers=2), LOCAL_RECIPES, LOCAL),
-               "sweep": (Task(), SWEEP, FULL)}  # name: the task, its rows, how long they train
+               "sweep": (Task(), SWEEP, FULL), "long": (Task(), LONG_RECIPES, LONG)}
 
 
 def run(settings: Settings, seed: int, recipes: list = RECIPES, task: Task = Task()) -> dict:
@@ -391,7 +400,9 @@ def main(argv: list[str] | None = None) -> None:
                              "so a move is told only by which shape of the frame before stood next to the "
                              "answered cell (the full recipe and Flex-MA only, each with and without Rotary "
                              "Major-Scan; the teacher trains twice as long); sweep: the full recipe under each setting "
-                             "of SWEEP (KL temperature and weight, Flex-MA's dt/A spread), how the defaults were chosen")
+                             "of SWEEP (KL temperature and weight, Flex-MA's dt/A spread), how the defaults were chosen; "
+                             "long: the full recipe and Flex-MA only with four times the stage-2 steps (about 15 "
+                             "minutes a seed on 2 cores)")
     parser.add_argument("--out", help="also write the results (each seed's rows, the summary, settings, wall time) "
                                       "to this JSON file, rewritten after every seed")
     args = parser.parse_args(argv)
