@@ -1633,6 +1633,15 @@ def test_toy_summary_is_the_mean_and_spread_over_seeds():
         toy.main(["--seeds", "0"])
 
 
+def test_the_long_experiment_is_the_default_run_with_four_times_the_stage_2_steps():
+    """What the README compares: the same task, rows of the default run, and only stage 2 longer."""
+    task, recipes, settings = toy.EXPERIMENTS["long"]
+    default_task, default_recipes, default_settings = toy.EXPERIMENTS["recipes"]
+    assert task == default_task and all(recipe in default_recipes for recipe in recipes)
+    steps = default_settings.stage_steps
+    assert settings == replace(default_settings, stage_steps=(steps[0], 4 * steps[1], steps[2]))
+
+
 def test_student_agreement_with_the_teacher_rises_across_the_stages():
     result = toy.run(toy.QUICK, seed=0, recipes=toy.RECIPES[:4])
     teacher, init, *stages = result["rows"]
