@@ -1,6 +1,6 @@
 """LinMU on a laptop: a toy teacher, the three distillation stages and the paper's ablations, on CPU.
 
-    python toy.py                       # the whole experiment (9 to 15 minutes on 2 CPU cores), a table at the end
+    python toy.py                       # the whole experiment (14 to 20 minutes on 2 CPU cores), a table at the end
     python toy.py --seeds 3 --out toy.json  # three seeds: each row's mean and spread, and the results as JSON
     python toy.py --experiment local    # two shapes at once: a move is told by its neighbourhood alone
     python toy.py --experiment sweep    # the distillation settings the defaults were chosen from
@@ -300,8 +300,8 @@ SWEEP += [(f"T = 2, w = 3, dt <= {dt:g}, A <= {A:g}", [(0, {"dt_max": dt, "A_max
            + [(stage, {"temperature": 2, "kl_weight": 3}) for stage in (1, 2, 3)]) for dt, A in [(1e-2, 1), (1e-1, 1)]]
 
 # The long experiment: stage 2 trains four times as long (2,400 steps), for the full recipe and for
-# Flex-MA alone. The default run fits 15 minutes on 2 cores by stopping stage 2 at 600 steps, where
-# the student is still learning; this shows where each recipe goes given the steps.
+# Flex-MA alone. The default run keeps near 15 minutes on 2 cores by stopping stage 2 at 600 steps,
+# where the student is still learning; this shows where each recipe goes given the steps.
 LONG_RECIPES = [r for r in RECIPES
                 if r[0] in ("stage 1 (Flex-MA)", "stages 1-2", "LinMU: stages 1-3", "ablation: Flex-MA only")]
 LONG = replace(FULL, stage_steps=(600, 2400, 150))
