@@ -1633,11 +1633,36 @@ def test_toy_summary_is_the_mean_and_spread_over_seeds():
         toy.main(["--seeds", "0"])
 
 
+def test_toy_table_of_seeds_run_apart_is_what_one_run_over_them_prints(tmp_path, monkeypatch, capsys):
+    """toy.py --table: seeds run in separate processes, combined, print one --seeds run's table."""
+    monkeypatch.setitem(toy.EXPERIMENTS, "recipes", (toy.Task(), toy.RECIPES[:2], toy.FULL))
+    monkeypatch.setattr(toy, "QUICK", replace(toy.QUICK, teacher_steps=5, stage_steps=(5, 5, 5)))  # what --quick runs
+    printed = lambda: (lambda out: out[out.index("| model"):out.rindex(":")])(capsys.readouterr().out)  # the table
+    toy.main(["--quick", "--seeds", "2"])
+    together = printed()
+    for seed in (0, 1):
+        toy.main(["--quick", "--seed", str(seed), "--out", str(tmp_path / f"{seed}.json")])
+    capsys.readouterr()
+    toy.main(["--table", str(tmp_path / "1.json"), str(tmp_path / "0.json")])
+    assert printed() == together and "seeds 0, 1" in together and "± " in together
+
+    other = json.loads((tmp_path / "1.json").read_text())
+    other["runs"][0]["settings"]["stage_steps"] = [1, 1, 1]
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    for argv, message in [([str(tmp_path / "0.json"), str(tmp_path / "other.json")], "different experiments or settings"),
+                          ([str(tmp_path / "0.json")] * 2, "give each seed's run once"),
+                          ([str(tmp_path / "none.json")], "is not a file toy.py --out wrote"),
+                          ([str(tmp_path / "0.json"), "--seed", "3"], "takes no other flag: leave out --seed")]:
+        with pytest.raises(SystemExit):
+            toy.main(["--table", *argv])
+        assert message in capsys.readouterr().err.splitlines()[-1]
+
+
 def test_the_long_experiment_is_the_default_run_with_four_times_the_stage_2_steps():
-    """What the README compares: the same task, rows of the default run, and only stage 2 longer."""
+    """What the README compares: the same task, the default run's rows but "stream", and only stage 2 longer."""
     task, recipes, settings = toy.EXPERIMENTS["long"]
     default_task, default_recipes, default_settings = toy.EXPERIMENTS["recipes"]
-    assert task == default_task and all(recipe in default_recipes for recipe in recipes)
+    assert task == default_task and recipes == [r for r in default_recipes if "stream" not in r[0]]
     steps = default_settings.stage_steps
     assert settings == replace(default_settings, stage_steps=(steps[0], 4 * steps[1], steps[2]))
 
