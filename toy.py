@@ -433,8 +433,8 @@ def main(argv: list[str] | None = None) -> None:
                              "answered cell (the full recipe and Flex-MA only, each with and without Rotary "
                              "Major-Scan; the teacher trains twice as long); sweep: the full recipe under each setting "
                              "of SWEEP (KL temperature and weight, Flex-MA's dt/A spread), how the defaults were chosen; "
-                             "long: the full recipe and Flex-MA only with four times the stage-2 steps (15 to 20 "
-                             "minutes a seed on 2 cores)")
+                             "long: every row of recipes but \"stream\", with four times the stage-2 steps (72 "
+                             "minutes a seed with three seeds side by side on 2 cores, one thread each)")
     parser.add_argument("--out", help="also write the results (each seed's rows, the summary, settings, wall time) "
                                       "to this JSON file, rewritten after every seed")
     parser.add_argument("--table", nargs="+", metavar="JSON",
