@@ -357,7 +357,7 @@ def bench_mixers(teacher: VLM, student: VLM, lengths: list[int], args, device: t
         ids = torch.full((1, frames * per_frame), config.image_token_id, device=device)
         layout = lambda: TokenLayout.build(ids, config.image_token_id, [[(frames, side, side)]])
         rope = tuple(t.to(dtype) for t in teacher.model.text_model.rotary(layout().positions))
-        plan = lambda settings: PromptPlan.build(layout(), rope, settings)
+        plan = lambda settings: PromptPlan.build(layout(), rope, settings, layers=1)[0]
         x = torch.randn(1, ids.shape[1], config.text.hidden_size, generator=torch.Generator().manual_seed(0))
         x = x.to(device, dtype)
         row = {"tokens": ids.shape[1], "frames": frames}

@@ -151,8 +151,8 @@ def student_hidden_states(student: VLM, teacher_hidden: list[torch.Tensor], batc
         return stream[1:]
     text = student.model.text_model
     layout = TokenLayout.build(batch["input_ids"], student.config.image_token_id, batch["grids"])
-    plan = text.plan(layout, teacher_hidden[0].dtype)
-    return [layer(h, plan)[0] for layer, h in zip(text.layers, teacher_hidden[:-1])]
+    plans = text.plan(layout, teacher_hidden[0].dtype)
+    return [layer(h, plan)[0] for layer, plan, h in zip(text.layers, plans, teacher_hidden[:-1])]
 
 
 def distill_loss(student: VLM, teacher: VLM, batch: Batch, cfg: DistillConfig) -> tuple[torch.Tensor, dict]:

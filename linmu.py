@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+import torch.fx.experimental._config
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
@@ -263,7 +264,7 @@ def carry_across_chunks(chunk_states: Tensor, chunk_log_decay: Tensor, state: Te
     """
     batch, heads, chunks, P, N = chunk_states.shape
     R = CHUNKS_PER_BLOCK
-    blocks = chunks // R + 1  # at least one padded chunk (no input, no decay): see ssd_scan
+    blocks = torch.sym_max(2, chunks // R + 1)  # at least one padded chunk (no input, no decay), two blocks: see ssd_scan
     pad = blocks * R - chunks
     own = F.pad(chunk_states.flatten(3), (0, 0, 0, pad)).unflatten(2, (blocks, R))  # (B, H, b, R, PN)
     log_decay = F.pad(chunk_log_decay, (0, pad)).unflatten(2, (blocks, R))  # (B, H, b, R)
@@ -285,47 +286,53 @@ def carry_across_chunks(chunk_states: Tensor, chunk_log_decay: Tensor, state: Te
 
 
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
-             initial_state: Tensor | None = None, exclusive: bool = False) -> tuple[Tensor, Tensor]:
+             initial_state: Tensor | None = None, exclusive: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The selective-SSM recurrence, computed chunk by chunk (Mamba2's SSD algorithm).
 
         h_t = exp(dt_t * A) * h_{t-1} + dt_t * (x_t outer B_t),    y_t = h_t . C_t
-    or with exclusive=True, y_t = exp(dt_t * A) h_{t-1} . C_t: the output leaves out token t's own input.
+    or, for the sequences where exclusive is True, y_t = exp(dt_t * A) h_{t-1} . C_t: the output
+    leaves out token t's own input.
 
     x: (B, L, H, P); dt: (B, L, H), positive; A: (H,), negative; B, C: (B, L, G, N), H a multiple
-    of G; initial_state: (B, H, P, N) or None (zeros). Returns y (B, L, H, P) in x's dtype and the
-    final state (B, H, P, N) in the float32 (float64 for float64 inputs) the scan accumulates in.
+    of G; initial_state: (B, H, P, N) or None (zeros); exclusive: (B,) bool or None (none). Returns
+    y (B, L, H, P) in x's dtype and the final state (B, H, P, N) in the float32 (float64 for
+    float64 inputs) the scan accumulates in.
 
     Four steps per chunk of Q tokens: (1) outputs from inputs inside the chunk, a Q x Q masked
     matmul; (2) each chunk's state from its own inputs; (3) the state carried from chunk to chunk
     (carry_across_chunks); (4) outputs from the carried-in state. The cost is O(L Q (N + P) H):
     linear in L, in a fixed number of batched operations whatever L is.
+    Precision, as in Mamba2's own kernels: the matmuls take their operands in the inputs' dtype (on
+    a GPU, bf16: tensor cores, and half the bytes of the Q x Q scores) and accumulate in float32;
+    the decays, the carried state and step 3 are float32 throughout.
     """
     batch, length, heads, head_dim = x.shape
     if heads % B.shape[2]:
         raise ValueError(f"ssd_scan: {heads} heads is not a multiple of {B.shape[2]} B/C groups")
-    out_dtype = x.dtype
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dtype = x.dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
     # Padded steps have dt = 0: no input and no decay, the state unchanged. There is always at least
-    # one, so that every length gives the same shape arithmetic (torch.compile: one graph for all).
-    chunks = length // chunk_size + 1
+    # one, and at least two chunks, so that every length gives the same shape arithmetic and no size
+    # of 1, which torch.compile would specialise on: one graph serves every length.
+    chunks = torch.sym_max(2, length // chunk_size + 1)
     pad = chunks * chunk_size - length
 
-    def chunked(t: Tensor) -> Tensor:  # (B, L, H, ...) -> (B, H, c, Q, ...) in acc, zero-padded: one copy
-        out = t.new_zeros(batch, t.shape[2], chunks * chunk_size, *t.shape[3:], dtype=acc)
+    def chunked(t: Tensor, dtype: torch.dtype) -> Tensor:  # (B, L, H, ...) -> (B, H, c, Q, ...), zero-padded: one copy
+        out = t.new_zeros(batch, t.shape[2], chunks * chunk_size, *t.shape[3:], dtype=dtype)
         out[:, :, :length] = t.movedim(1, 2)
         return out.unflatten(2, (chunks, chunk_size))
 
     if heads != B.shape[2]:
         B, C = (t.repeat_interleave(heads // t.shape[2], dim=2) for t in (B, C))
-    x, dt, B, C = chunked(x), chunked(dt), chunked(B), chunked(C)  # (B, H, c, Q, P), (B, H, c, Q), (B, H, c, Q, N)
-    x_dt = x * dt[..., None]
+    x, B, C, dt = chunked(x, dtype), chunked(B, dtype), chunked(C, dtype), chunked(dt, acc)  # (B, H, c, Q, ...)
+    x_dt = (x * dt[..., None]).to(dtype)  # (B, H, c, Q, P)
     log_decay = dt * A.to(acc)[:, None, None]  # (B, H, c, Q)
     cum = log_decay.cumsum(dim=-1)
 
     # 1. Within each chunk: y_i = sum_{j <= i} (C_i . B_j) exp(a_{j+1} + ... + a_i) dt_j x_j (j < i if exclusive)
     decay = segment_sum(log_decay)  # (B, H, c, Q, Q)
-    if exclusive:
-        decay.diagonal(dim1=-2, dim2=-1).fill_(-math.inf)
+    if exclusive is not None:
+        decay.diagonal(dim1=-2, dim2=-1).masked_fill_(exclusive[:, None, None, None], -math.inf)
     scores = (C @ B.transpose(-1, -2)).mul_(decay.exp_())  # (B, H, c, Q, Q), in place: the largest temporaries
     del decay
     y = scores @ x_dt  # (B, H, c, Q, P)
@@ -333,7 +340,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
 
     # 2. Each chunk's final state from its own inputs, decayed to the chunk's end
     to_end = (cum[..., -1:] - cum).exp()  # (B, H, c, Q)
-    chunk_states = x_dt.transpose(-1, -2) @ (B * to_end[..., None])  # (B, H, c, P, N)
+    chunk_states = (x_dt.transpose(-1, -2) @ (B * to_end[..., None]).to(dtype)).to(acc)  # (B, H, c, P, N)
 
     # 3. Carry the state across chunks: entering[:, :, c] is the state before chunk c
     state = (torch.zeros(batch, heads, head_dim, B.shape[-1], dtype=acc, device=x.device)
@@ -341,9 +348,9 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     entering, state = carry_across_chunks(chunk_states, cum[..., -1], state)  # (B, H, c, P, N), (B, H, P, N)
 
     # 4. Outputs from the carried-in state, decayed to each position
-    y = y.add_((C * cum.exp()[..., None]) @ entering.transpose(-1, -2))  # (B, H, c, Q, P)
+    y = y.add_((C * cum.exp()[..., None]).to(dtype) @ entering.transpose(-1, -2).to(dtype))  # (B, H, c, Q, P)
     y = y.reshape(batch, heads, chunks * chunk_size, head_dim)[:, :, :length].transpose(1, 2)  # (B, L, H, P)
-    return y.to(out_dtype), state
+    return y, state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,50 +447,59 @@ class FlexMA(nn.Module):
         a (L, 2313) product ran several times slower on a GPU."""
         return tuple(F.linear(u, w) for w in self.in_proj.weight.split([self.d_inner, self.conv_dim, self.heads]))
 
-    def _features(self, xBC: Tensor, conv: nn.Conv1d) -> tuple[Tensor, Tensor, Tensor]:
-        """Causal depthwise conv + SiLU, then split: (B, K - 1 + n, conv_dim), the n inputs after the
-        K - 1 before them -> x (B, n, H, P), B and C (B, n, H, N).
+    def _features(self, xBC: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Causal depthwise conv + SiLU, then split, for d directions stacked along the batch:
+        xBC (d B, K - 1 + n, conv_dim), the n inputs after the K - 1 before them; weight (d, conv_dim, K)
+        and bias (d, conv_dim), each direction's convolution -> x (d B, n, H, P), B and C (d B, n, H, N).
 
         The convolution is written as K shifted multiply-adds along the sequence: for depthwise
-        kernels this is faster than nn.Conv1d and needs no transposes."""
-        K = conv.kernel_size[0]
+        kernels this is faster than nn.Conv1d, needs no transposes, and takes one kernel per direction."""
+        directions, K = weight.shape[0], weight.shape[-1]
         n = xBC.shape[1] - (K - 1)
-        weight = conv.weight[:, 0]  # (conv_dim, K)
-        out = torch.addcmul(conv.bias, xBC[:, :n], weight[:, 0])
+        seq = xBC.unflatten(0, (directions, -1))  # (d, B, K - 1 + n, conv_dim)
+        weight, bias = weight[:, None, None], bias[:, None, None]  # (d, 1, 1, conv_dim, K), (d, 1, 1, conv_dim)
+        out = torch.addcmul(bias, seq[:, :, :n], weight[..., 0])
         for k in range(1, K):
-            out.addcmul_(xBC[:, k:k + n], weight[:, k])  # in place: addcmul's backward does not read out
-        x, B, C = F.silu(out).split([self.d_inner, self.d_inner, self.d_inner], dim=-1)
-        return (x.reshape(-1, n, self.heads, self.head_dim),
-                B.reshape(-1, n, self.heads, self.d_state), C.reshape(-1, n, self.heads, self.d_state))
+            out.addcmul_(seq[:, :, k:k + n], weight[..., k])  # in place: addcmul's backward does not read out
+        x, B, C = F.silu(out.flatten(0, 1)).split([self.d_inner, self.d_inner, self.d_inner], dim=-1)
+        return (x.unflatten(-1, (self.heads, self.head_dim)), B.unflatten(-1, (self.heads, self.d_state)),
+                C.unflatten(-1, (self.heads, self.d_state)))
 
-    def _scan(self, xBC: Tensor, dt: Tensor, A: Tensor, visual: Tensor | None) -> tuple[list[Tensor], Tensor]:
-        """One direction of Flex-MA over the whole prompt, a piece at a time (Tuning.piece_tokens).
+    def _scan(self, xBC: Tensor, dt: Tensor, visual: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Both directions of Flex-MA over the whole prompt, as one batch of scans, a piece at a time
+        (Tuning.piece_tokens).
 
-        visual=None: the forward direction, conv_forward and the scan over s <= t, plus D x_t.
-        visual given: the backward direction, on the reversed sequence with the text tokens' conv
-        inputs and dt zeroed, conv_backward and the exclusive scan: s > t.
-        Each piece takes its conv inputs with the K - 1 before it in scan order (zeros past the
-        sequence's ends) and starts from the state the piece before it in scan order ends in.
-        xBC: (B, L, conv_dim), dt: (B, L, H) in the original order -> y, one (B, n, H, P) per piece
-        of pieces(L, piece_tokens) in the original order, and the final state.
+        The forward direction is conv_forward and the scan over s <= t, plus D x_t. The backward
+        direction is the same computation on the reversed sequence, with the text tokens' conv
+        inputs and dt zeroed, conv_backward and the exclusive scan (s > t); it rides along as a
+        second batch of sequences behind the forward one, so that one scan computes both. Each
+        piece reads the K - 1 conv inputs before it in scan order (zeros before the first token)
+        and starts from the state its direction's previous piece ended in.
+        xBC: (B, L, conv_dim), dt: (B, L, H); visual: (B, L) bool, or None for no backward
+        direction -> y (B, L, H, P) in the original order, and the forward direction's final state.
         """
-        backward = visual is not None
-        conv = self.conv_backward if backward else self.conv_forward
+        batch, length, _ = xBC.shape
+        convs = [self.conv_forward] if visual is None else [self.conv_forward, self.conv_backward]
+        if visual is not None:
+            keep = visual[..., None]
+            xBC, dt = (torch.cat([t, (t * keep).flip(1)]) for t in (xBC, dt))  # (2B, L, ...): forward, then backward
+        weight = torch.stack([conv.weight[:, 0] for conv in convs])  # (d, conv_dim, K)
+        bias = torch.stack([conv.bias for conv in convs])  # (d, conv_dim)
+        K = weight.shape[-1]
+        xBC = F.pad(xBC, (0, 0, K - 1, 0))  # (d B, K - 1 + L, conv_dim)
+        exclusive = torch.arange(len(xBC), device=xBC.device) >= batch  # the backward direction's sequences
+        A = -self.A_log.exp()
         settings = tuning(xBC.device)
-        K = conv.kernel_size[0]
         ys, state = [], None
-        for piece in pieces(xBC.shape[1], settings.piece_tokens)[::-1 if backward else 1]:
-            if backward:  # the piece and the K - 1 tokens after it, reversed; text tokens: no input and no decay
-                around = slice(piece.start, piece.stop + K - 1)  # clipped at the sequence's end
-                inputs = (xBC[:, around] * visual[:, around, None]).flip(1)
-                d = (dt[:, piece] * visual[:, piece, None]).flip(1)
-            else:  # the piece and the K - 1 tokens before it
-                inputs, d = xBC[:, max(0, piece.start - (K - 1)):piece.stop], dt[:, piece]
-            inputs = F.pad(inputs, (0, 0, K - 1 + d.shape[1] - inputs.shape[1], 0))  # (B, K - 1 + n, conv_dim)
-            x, B, C = self._features(inputs, conv)
-            y, state = ssd_scan(x, d, A, B, C, settings.chunk_size, state, exclusive=backward)  # (B, n, H, P)
-            ys.append(y.flip(1) if backward else y.addcmul_(self.D[:, None], x))
-        return ys[::-1] if backward else ys, state
+        for piece in pieces(length, settings.piece_tokens):
+            x, B, C = self._features(xBC[:, piece.start:piece.stop + K - 1], weight, bias)
+            y, state = ssd_scan(x, dt[:, piece], A, B, C, settings.chunk_size, state, exclusive)  # (d B, n, H, P)
+            y[:batch].addcmul_(self.D[:, None], x[:batch])
+            ys.append(y)
+        y = torch.cat(ys, dim=1) if len(ys) > 1 else ys[0]  # (d B, L, H, P)
+        if visual is not None:  # the backward direction, back in the original order, reaches visual tokens only
+            y = torch.addcmul(y[:batch], y[batch:].flip(1), visual[..., None, None])
+        return y, state[:batch]
 
     def _output(self, y: Tensor, z: Tensor) -> Tensor:
         """Gated per-head RMSNorm and output projection: y (B, n, H, P), z (B, n, H*P) -> (B, n, D)."""
@@ -498,17 +514,12 @@ class FlexMA(nn.Module):
         if scan is not None:  # visual positions stay visual: the mask holds for the permuted sequence
             u = u.gather(1, scan[0][..., None].expand_as(u))
         z, xBC, dt = self._split(u)
-        A = -self.A_log.exp()
         dt = F.softplus(dt + self.dt_bias)  # (B, L, H)
-        spans = pieces(u.shape[1], tuning(u.device).piece_tokens)  # the pieces _scan returns y in
-        ys, ssm = self._scan(xBC, dt, A, visual=None)  # s <= t
-        if visual is not None:
-            backward, _ = self._scan(xBC, dt, A, visual)  # s > t
-            ys = [y.addcmul_(b, visual[:, piece, None, None]) for y, b, piece in zip(ys, backward, spans)]
+        y, ssm = self._scan(xBC, dt, visual)  # (B, L, H, P)
         K = self.conv_forward.kernel_size[0]
         last = xBC[:, max(0, xBC.shape[1] - (K - 1)):].transpose(1, 2)  # the last K-1 inputs (fewer for short prompts)
         conv_state = F.pad(last, (K - 1 - last.shape[-1], 0))  # (B, C, K-1)
-        out = torch.cat([self._output(y, z[:, piece]) for y, piece in zip(ys, spans)], dim=1)
+        out = per_token(self._output, y, z)
         if scan is not None:
             out = out.gather(1, scan[1][..., None].expand_as(out))  # back in the prompt's order
         return out, FlexMACache(conv_state, ssm)
@@ -652,17 +663,17 @@ class LocalSwin(AttentionProjections):
     """Local-Swin: attention over neighbouring tokens only, linear in length for fixed windows.
 
     * Visual tokens attend within Swin windows over their own grid: 2D (rows, cols) windows over an
-      image tile, 3D (frames, rows, cols) windows over a video; odd layers shift the windows by half.
+      image tile, 3D (frames, rows, cols) windows over a video; odd layers shift the windows by half
+      (their PromptPlan holds the shifted windows).
     * Text tokens attend causally to the previous `text_window` tokens of any modality, so decoding
       keeps a ring of text_window keys and values, not the whole context.
     The projections are the teacher's q/k/v/o (copied at conversion) and the teacher's rotary
     embedding is applied before windowing, so inside a window the relative positions are the teacher's.
     """
 
-    def __init__(self, d_model: int, heads: int, kv_heads: int, head_dim: int, cfg: MixerConfig, shifted: bool):
+    def __init__(self, d_model: int, heads: int, kv_heads: int, head_dim: int, cfg: MixerConfig):
         super().__init__(d_model, heads, kv_heads, head_dim)
         self.text_window = cfg.text_window
-        self.shifted = shifted
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], windows: LocalWindows) -> tuple[Tensor, KVCache]:
         """Full-sequence pass: x (B, L, D) -> (B, L, D) and the text window's ring for decoding."""
@@ -698,41 +709,48 @@ class LocalSwin(AttentionProjections):
 
 @dataclass
 class PromptPlan:
-    """What the decoder layers need to know about a prompt, worked out once before them (TextModel.plan),
-    so that no layer computes anything from the prompt's content or waits on the host.
+    """What one decoder layer needs to know about a prompt. TextModel.plan works out the plans of all
+    layers once, before the first, so that no layer computes anything from the prompt's content or
+    waits on the host. A student's layers differ only in what their plans hold (layer_pattern):
+    shifted Swin windows or not, and the Rotary Major-Scan order, data and not code; so that one
+    compiled graph serves every layer (compile_model).
 
     rope: (cos, sin), each (B, L, Dh); visual: (B, L) bool, or None when the prompt has no visual
-    token; windows: Local-Swin's, (unshifted, shifted), None for the teacher; scans: Rotary
-    Major-Scan's (order, inverse) for each of MAJOR_ORDERS (None for the first, the prompt's own
-    order), None for the teacher, without rotary_scan, or without visual tokens; new_tokens: how
-    many tokens the decoding caches leave room for after the prompt."""
+    token; windows: this layer's Local-Swin windows, None for the teacher; scan: this layer's
+    Rotary Major-Scan (order, inverse), None to scan the prompt's own order (the teacher, without
+    rotary_scan or visual tokens, and the first of MAJOR_ORDERS); new_tokens: how many tokens the
+    decoding caches leave room for after the prompt."""
 
     rope: tuple[Tensor, Tensor]
     visual: Tensor | None
-    windows: tuple[LocalWindows, LocalWindows] | None
-    scans: tuple[tuple[Tensor, Tensor] | None, ...] | None = None
+    windows: LocalWindows | None
+    scan: tuple[Tensor, Tensor] | None = None
     new_tokens: int = 0
 
     @classmethod
-    def build(cls, layout: TokenLayout, rope: tuple[Tensor, Tensor], mixer: MixerConfig | None,
-              new_tokens: int = 0) -> PromptPlan:
-        """The plan of a prompt for the teacher (mixer None) or a student with these M-MATE settings.
-        Here, once per prompt, the host may wait on the device (nonzero, unique, counts)."""
+    def build(cls, layout: TokenLayout, rope: tuple[Tensor, Tensor], mixer: MixerConfig | None, layers: int,
+              new_tokens: int = 0) -> list[PromptPlan]:
+        """The plans of a prompt for `layers` decoder layers of the teacher (mixer None) or of a
+        student with these M-MATE settings. Here, once per prompt, the host may wait on the device
+        (nonzero, unique, counts); each kind of window and each scan order is built once and shared."""
         has_visual, has_text = bool(layout.visual.any()), not bool(layout.visual.all())
-        windows, scans = None, None
-        if mixer is not None and mixer.rotary_scan and has_visual:  # the first order is the prompt's own
-            scans = (None, *(major_order(layout, axes) for axes in MAJOR_ORDERS[1:]))
-        if mixer is not None:
-            text = text_windows(layout, mixer.text_window) if has_text else None
-            shape = (mixer.window_frames, mixer.window_rows, mixer.window_cols)
-            windows = tuple(LocalWindows.build(layout, text, swin_windows(layout, shape, shifted) if has_visual else None)
-                            for shifted in (False, True))
-        return cls(rope, layout.visual if has_visual else None, windows, scans, new_tokens)
+        visual = layout.visual if has_visual else None
+        if mixer is None:
+            return [cls(rope, visual, None, None, new_tokens)] * layers
+        patterns = [layer_pattern(index) for index in range(layers)]
+        scans = {order: major_order(layout, MAJOR_ORDERS[order]) if order and mixer.rotary_scan and has_visual else None
+                 for order in {pattern["scan_order"] for pattern in patterns}}  # order 0 is the prompt's own
+        text = text_windows(layout, mixer.text_window) if has_text else None
+        shape = (mixer.window_frames, mixer.window_rows, mixer.window_cols)
+        windows = {shifted: LocalWindows.build(layout, text, swin_windows(layout, shape, shifted) if has_visual else None)
+                   for shifted in {pattern["shifted"] for pattern in patterns}}
+        return [cls(rope, visual, windows[pattern["shifted"]], scans[pattern["scan_order"]], new_tokens)
+                for pattern in patterns]
 
 
 def layer_pattern(index: int) -> dict:
-    """What changes from one M-MATE layer to the next: odd layers shift their Swin windows, and
-    the Rotary Major-Scan order rotates over MAJOR_ORDERS."""
+    """What changes from one M-MATE layer to the next (PromptPlan.build): odd layers shift their
+    Swin windows, and the Rotary Major-Scan order rotates over MAJOR_ORDERS."""
     return {"shifted": index % 2 == 1, "scan_order": index % len(MAJOR_ORDERS)}
 
 
@@ -753,23 +771,20 @@ class MMATE(nn.Module):
     sigmoid is our exact form). w = 0, b = 0 at initialization: an even mix of two branches that
     each start as an approximation of the teacher's attention. `branches` selects "both", or a
     single branch ("flex" in distillation stage 1 and ablations, "swin" in an ablation).
-    Which layer of the decoder it is sets `shifted` and `scan_order` (layer_pattern).
+    Which layer of the decoder it is sets which windows and scan order its PromptPlan holds (layer_pattern).
     """
 
-    def __init__(self, d_model: int, heads: int, kv_heads: int, head_dim: int, cfg: MixerConfig,
-                 shifted: bool, scan_order: int = 0, eps: float = 1e-5):
+    def __init__(self, d_model: int, heads: int, kv_heads: int, head_dim: int, cfg: MixerConfig, eps: float = 1e-5):
         super().__init__()
-        self.scan_order = scan_order
         self.flex = FlexMA(d_model, heads, head_dim, cfg, eps)
-        self.swin = LocalSwin(d_model, heads, kv_heads, head_dim, cfg, shifted)
+        self.swin = LocalSwin(d_model, heads, kv_heads, head_dim, cfg)
         self.gate = nn.Linear(d_model, 1)
         nn.init.zeros_(self.gate.weight)
         nn.init.zeros_(self.gate.bias)
         self.branches = cfg.branches
 
     @classmethod
-    def from_attention(cls, attn: AttentionProjections, d_model: int, cfg: MixerConfig, shifted: bool,
-                       scan_order: int = 0, eps: float = 1e-5) -> MMATE:
+    def from_attention(cls, attn: AttentionProjections, d_model: int, cfg: MixerConfig, eps: float = 1e-5) -> MMATE:
         """Build an M-MATE layer from a (GQA) self-attention layer's q/k/v/o projections.
 
         Local-Swin takes q/k/v/o as they are. Flex-MA follows the attention-to-SSM mapping
@@ -781,7 +796,7 @@ class MMATE(nn.Module):
         The result is a deterministic function of the attention weights.
         """
         heads, kv_heads, head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
-        layer = cls(d_model, heads, kv_heads, head_dim, cfg, shifted, scan_order, eps).to(attn.q_proj.weight)
+        layer = cls(d_model, heads, kv_heads, head_dim, cfg, eps).to(attn.q_proj.weight)
         with torch.no_grad():
             for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 getattr(layer.swin, name).weight.copy_(getattr(attn, name).weight)
@@ -804,9 +819,8 @@ class MMATE(nn.Module):
 
     def forward(self, x: Tensor, plan: PromptPlan) -> tuple[Tensor, MMATECache]:
         """The mixer contract of the decoder, for the whole prompt: x (B, L, D) -> (B, L, D) and the decoding cache."""
-        scan = plan.scans[self.scan_order] if plan.scans is not None else None
-        flex, flex_cache = self.flex(x, plan.visual, scan) if self.branches != "swin" else (None, None)
-        swin, swin_cache = (self.swin(x, plan.rope, plan.windows[self.swin.shifted]) if self.branches != "flex"
+        flex, flex_cache = self.flex(x, plan.visual, plan.scan) if self.branches != "swin" else (None, None)
+        swin, swin_cache = (self.swin(x, plan.rope, plan.windows) if self.branches != "flex"
                             else (None, None))
         return self._mix(x, flex, swin), MMATECache(flex_cache, swin_cache)
 
@@ -1228,15 +1242,14 @@ class DecoderLayer(nn.Module):
     """Pre-norm decoder layer: h += mixer(norm(h)); h += mlp(norm(h)).
 
     The mixer (still named self_attn, like the checkpoint key) is the teacher's Attention, or in
-    the LinMU student an M-MATE layer whose Local-Swin windows are shifted in odd layers.
+    the LinMU student an M-MATE layer (what differs from layer to layer is in its PromptPlan).
     """
 
-    def __init__(self, cfg: TextConfig, linmu: MixerConfig | None, index: int):
+    def __init__(self, cfg: TextConfig, linmu: MixerConfig | None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg) if linmu is None else MMATE(
-            cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, linmu,
-            **layer_pattern(index), eps=cfg.rms_norm_eps)
+            cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, linmu, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
@@ -1265,16 +1278,16 @@ class TextModel(nn.Module):
     def __init__(self, cfg: TextConfig, linmu: MixerConfig | None = None):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, linmu, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, linmu) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.mixer = linmu
         self.gradient_checkpointing = False
 
-    def plan(self, layout: TokenLayout, dtype: torch.dtype, new_tokens: int = 0) -> PromptPlan:
-        """Everything the layers need from the prompt's layout, computed once before them."""
+    def plan(self, layout: TokenLayout, dtype: torch.dtype, new_tokens: int = 0) -> list[PromptPlan]:
+        """Everything the layers need from the prompt's layout, computed once before them: a plan per layer."""
         rope = tuple(t.to(dtype) for t in self.rotary(layout.positions))
-        return PromptPlan.build(layout, rope, self.mixer, new_tokens)
+        return PromptPlan.build(layout, rope, self.mixer, len(self.layers), new_tokens)
 
     def forward(self, inputs_embeds: Tensor, layout: TokenLayout, new_tokens: int = 0,
                 output_hidden_states: bool = False) -> tuple[Tensor, list, list[Tensor] | None]:
@@ -1285,10 +1298,10 @@ class TextModel(nn.Module):
         (num_layers + 1 tensors, all before the final norm; transformers' last entry is after it).
         """
         h = inputs_embeds
-        plan = self.plan(layout, h.dtype, new_tokens)
+        plans = self.plan(layout, h.dtype, new_tokens)
         hidden_states = [h] if output_hidden_states else None
         caches = []
-        for layer in self.layers:
+        for layer, plan in zip(self.layers, plans):
             if self.gradient_checkpointing and self.training:
                 h, cache = torch.utils.checkpoint.checkpoint(layer, h, plan, use_reentrant=False)
             else:
@@ -1406,16 +1419,14 @@ class VLM(nn.Module):
 
 def convert_to_linmu(teacher: VLM, mixer: MixerConfig | None = None) -> VLM:
     """The LinMU student of a teacher: a copy whose every decoder self-attention is replaced by an
-    M-MATE layer initialized from it (MMATE.from_attention, shifted windows in odd
-    layers); the vision encoder, connector, MLPs, norms, embeddings and head are the teacher's."""
+    M-MATE layer initialized from it (MMATE.from_attention); the vision encoder, connector, MLPs, norms, embeddings and head are the teacher's."""
     mixer = mixer or MixerConfig()
     student = copy.deepcopy(teacher)
     student.config = replace(teacher.config, linmu=mixer)
     text = teacher.config.text
     student.model.text_model.mixer = mixer
-    for i, layer in enumerate(student.model.text_model.layers):
-        layer.self_attn = MMATE.from_attention(layer.self_attn, text.hidden_size, mixer, **layer_pattern(i),
-                                               eps=text.rms_norm_eps)
+    for layer in student.model.text_model.layers:
+        layer.self_attn = MMATE.from_attention(layer.self_attn, text.hidden_size, mixer, text.rms_norm_eps)
     return student
 
 
@@ -1483,14 +1494,23 @@ def decoder(model: VLM, caches: list):
 
 
 def compile_model(model: VLM) -> None:
-    """torch.compile what runs most: every vision and decoder layer, and the decoding step.
+    """torch.compile what runs most: every vision and decoder layer, and each decoder layer's decoding step.
 
     Each is compiled whole (fullgraph: a graph break is an error) with dynamic shapes, so one
     compilation serves prompts of every length: a layer reads only tensors and the PromptPlan,
-    and never waits on the host."""
+    and never waits on the host. The layers of a model share their compiled code, since what
+    differs between them is data (PromptPlan): compiling costs seconds per graph, not per layer. A
+    student's prefill has a graph for visual prompts with and without a Rotary Major-Scan order,
+    and one for text-only prompts; every step one. The decoding step is compiled layer by layer for
+    that reason (compiled whole, 30 layers' steps made one graph that took a minute and more to
+    compile on a CPU). On CUDA the step around them is then recorded as a CUDA graph (decoder)."""
+    # No duck sizing: sizes equal in the first prompt compiled (an image's 16-token Swin windows and
+    # the 16-query text blocks) would be assumed equal from then on, and any other prompt recompile.
+    torch.fx.experimental._config.use_duck_shape = False
     for layer in [*model.model.vision_model.encoder.layers, *model.model.text_model.layers]:
         layer.compile(fullgraph=True, dynamic=True)
-    model.step = torch.compile(model.step, fullgraph=True, dynamic=True)
+    for layer in model.model.text_model.layers:
+        layer.step = torch.compile(layer.step, fullgraph=True, dynamic=True)
 
 
 @torch.no_grad()
