@@ -329,10 +329,14 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     log_decay = dt * A.to(acc)[:, None, None]  # (B, H, c, Q)
     cum = log_decay.cumsum(dim=-1)
 
-    # 1. Within each chunk: y_i = sum_{j <= i} (C_i . B_j) exp(a_{j+1} + ... + a_i) dt_j x_j (j < i if exclusive)
-    decay = segment_sum(log_decay)  # (B, H, c, Q, Q)
-    if exclusive is not None:
-        decay.diagonal(dim1=-2, dim2=-1).masked_fill_(exclusive[:, None, None, None], -math.inf)
+    # 1. Within each chunk: y_i = sum_{j <= i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j (j < i if exclusive).
+    # A difference of the chunk's running sums, as in steps 2 and 4 and in Mamba2's kernels: within one
+    # chunk it is exact enough, and it costs one Q x Q temporary, which torch.compile fuses away
+    # (segment_sum's cumulative form is for step 3's long spans).
+    position = torch.arange(chunk_size, device=x.device)
+    behind = position[:, None] - position[None, :]  # (Q, Q): i - j
+    nearest = 0 if exclusive is None else exclusive.long()[:, None, None, None, None]  # the closest j allowed: i or i - 1
+    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill_(behind < nearest, -math.inf)  # (B, H, c, Q, Q)
     scores = (C @ B.transpose(-1, -2)).mul_(decay.exp_())  # (B, H, c, Q, Q), in place: the largest temporaries
     del decay
     y = scores @ x_dt  # (B, H, c, Q, P)
@@ -348,7 +352,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     entering, state = carry_across_chunks(chunk_states, cum[..., -1], state)  # (B, H, c, P, N), (B, H, P, N)
 
     # 4. Outputs from the carried-in state, decayed to each position
-    y = y.add_((C * cum.exp()[..., None]).to(dtype) @ entering.transpose(-1, -2).to(dtype))  # (B, H, c, Q, P)
+    y = y.add_((C * cum.exp()[..., None].to(dtype)) @ entering.transpose(-1, -2).to(dtype))  # (B, H, c, Q, P)
     y = y.reshape(batch, heads, chunks * chunk_size, head_dim)[:, :, :length].transpose(1, 2)  # (B, L, H, P)
     return y, state
 
