@@ -475,34 +475,37 @@ class FlexMA(nn.Module):
 
         The forward direction is conv_forward and the scan over s <= t, plus D x_t. The backward
         direction is the same computation on the reversed sequence, with the text tokens' conv
-        inputs and dt zeroed, conv_backward and the exclusive scan (s > t); it rides along as a
-        second batch of sequences behind the forward one, so that one scan computes both. Each
-        piece reads the K - 1 conv inputs before it in scan order (zeros before the first token)
-        and starts from the state its direction's previous piece ended in.
+        inputs and dt zeroed, conv_backward and the exclusive scan (s > t); its pieces are the
+        forward pieces' mirror images, so that each piece of both directions is one scan, the
+        backward direction a second batch of sequences behind the forward one. Each piece reads the
+        K - 1 conv inputs before it in scan order (zeros before the first token) and starts from
+        the state its direction's previous piece ended in.
         xBC: (B, L, conv_dim), dt: (B, L, H); visual: (B, L) bool, or None for no backward
-        direction -> y (B, L, H, P) in the original order, and the forward direction's final state.
+        direction -> y (B, L, H, P), and the forward direction's final state.
         """
         batch, length, _ = xBC.shape
         convs = [self.conv_forward] if visual is None else [self.conv_forward, self.conv_backward]
-        if visual is not None:
-            keep = visual[..., None]
-            xBC, dt = (torch.cat([t, (t * keep).flip(1)]) for t in (xBC, dt))  # (2B, L, ...): forward, then backward
         weight = torch.stack([conv.weight[:, 0] for conv in convs])  # (d, conv_dim, K)
         bias = torch.stack([conv.bias for conv in convs])  # (d, conv_dim)
         K = weight.shape[-1]
-        xBC = F.pad(xBC, (0, 0, K - 1, 0))  # (d B, K - 1 + L, conv_dim)
-        exclusive = torch.arange(len(xBC), device=xBC.device) >= batch  # the backward direction's sequences
+        exclusive = torch.arange(len(convs) * batch, device=xBC.device) >= batch  # the backward direction's sequences
         A = -self.A_log.exp()
         settings = tuning(xBC.device)
-        ys, state = [], None
+        y, state = xBC.new_zeros(batch, length, self.heads, self.head_dim), None  # both directions add into y
         for piece in pieces(length, settings.piece_tokens):
-            x, B, C = self._features(xBC[:, piece.start:piece.stop + K - 1], weight, bias)
-            y, state = ssd_scan(x, dt[:, piece], A, B, C, settings.chunk_size, state, exclusive)  # (d B, n, H, P)
-            y[:batch].addcmul_(self.D[:, None], x[:batch])
-            ys.append(y)
-        y = torch.cat(ys, dim=1) if len(ys) > 1 else ys[0]  # (d B, L, H, P)
-        if visual is not None:  # the backward direction, back in the original order, reaches visual tokens only
-            y = torch.addcmul(y[:batch], y[batch:].flip(1), visual[..., None, None])
+            n = piece.stop - piece.start
+            inputs, d = [xBC[:, max(0, piece.start - (K - 1)):piece.stop]], [dt[:, piece]]  # the piece, the K - 1 before
+            if visual is not None:  # the mirror piece and the K - 1 after it, reversed; text tokens: no input, no decay
+                mirror = slice(length - piece.stop, length - piece.start)
+                after = slice(mirror.start, mirror.stop + K - 1)  # clipped at the sequence's end
+                inputs.append((xBC[:, after] * visual[:, after, None]).flip(1))
+                d.append((dt[:, mirror] * visual[:, mirror, None]).flip(1))
+            inputs = torch.cat([F.pad(t, (0, 0, K - 1 + n - t.shape[1], 0)) for t in inputs])  # (d B, K - 1 + n, conv_dim)
+            x, B, C = self._features(inputs, weight, bias)
+            out, state = ssd_scan(x, torch.cat(d), A, B, C, settings.chunk_size, state, exclusive)  # (d B, n, H, P)
+            y[:, piece].add_(out[:batch]).addcmul_(self.D[:, None], x[:batch])
+            if visual is not None:  # back in the original order, to visual tokens only
+                y[:, mirror].addcmul_(out[batch:].flip(1), visual[:, mirror, None, None])
         return y, state[:batch]
 
     def _output(self, y: Tensor, z: Tensor) -> Tensor:
