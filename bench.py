@@ -263,7 +263,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             self.bytes = torch.cuda.max_memory_allocated(self.device) - self.before
         elif self.cpu:
-            self.bytes = (resident_kib("VmHWM") - self.before) * 1024
+            self.bytes = max(0, resident_kib("VmHWM") - self.before) * 1024  # a page read after the reset can make it -4 KiB
 
 
 @dataclass
