@@ -77,9 +77,11 @@ class Tuning:
       LinMU's prefill at 19k video tokens from 7.35 to 3.9 s in bench.py on a 2-core CPU); a GPU
       wants the whole prompt, a few large kernels per layer instead of many small ones.
     chunk_size: the SSD scan's chunk length Q (see ssd_scan). On an H100 (torch 2.11, bf16, 65,536
-      tokens, 9 heads), ssd_scan took 4.2 ms at Q = 64 and 4.8 ms at Q = 128 eager, 2.0 ms both
-      compiled, with peaks of 1,494 and 1,242 MiB; Q = 256 did not compile (an inductor error in
-      torch 2.11's scan code generation). 128 it is, for the memory; a CPU keeps 64.
+      tokens, 9 heads, commit 2cdb546), ssd_scan took 3.2, 3.7 and 5.1 ms eager at Q = 64, 128 and
+      256, with peaks of 982, 873 and 1,452 MiB, and a whole M-MATE decoder layer at 75,800 tokens
+      22.4 and 23.4 ms at Q = 64 and 128, with peaks of 3,774 and 3,525 MiB; an earlier version's
+      Q = 256 did not compile (an inductor error in torch 2.11's scan code generation). 128 it is,
+      for the memory; a CPU keeps 64.
     """
 
     piece_tokens: int | None
