@@ -504,6 +504,7 @@ class FlexMA(nn.Module):
                 d.append((dt[:, mirror] * visual[:, mirror, None]).flip(1))
             inputs = torch.cat([F.pad(t, (0, 0, K - 1 + n - t.shape[1], 0)) for t in inputs])  # (d B, K - 1 + n, conv_dim)
             x, B, C = self._features(inputs, weight, bias)
+            del inputs  # freed before the scan's temporaries
             out, state = ssd_scan(x, torch.cat(d), A, B, C, settings.chunk_size, state, exclusive)  # (d B, n, H, P)
             y[:, piece].add_(out[:batch]).addcmul_(self.D[:, None], x[:batch])
             if visual is not None:  # back in the original order, to visual tokens only
