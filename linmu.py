@@ -1503,7 +1503,7 @@ def decoder(model: VLM, caches: list):
     return CUDAGraphStep(step) if next(model.parameters()).device.type == "cuda" else step
 
 
-def compile_model(model: VLM) -> None:
+def compile_model(model: VLM, backend: str = "inductor") -> None:
     """torch.compile what runs most: every vision and decoder layer, and each decoder layer's decoding step.
 
     Each is compiled whole (fullgraph: a graph break is an error) with dynamic shapes, so one
@@ -1513,14 +1513,15 @@ def compile_model(model: VLM) -> None:
     student's prefill has a graph for visual prompts with and without a Rotary Major-Scan order,
     and one for text-only prompts; every step one. The decoding step is compiled layer by layer for
     that reason (compiled whole, 30 layers' steps made one graph that took a minute and more to
-    compile on a CPU). On CUDA the step around them is then recorded as a CUDA graph (decoder)."""
+    compile on a CPU). On CUDA the step around them is then recorded as a CUDA graph (decoder).
+    backend: torch.compile's (the tests trace the same graphs with "aot_eager", which generates no code)."""
     # No duck sizing: sizes equal in the first prompt compiled (an image's 16-token Swin windows and
     # the 16-query text blocks) would be assumed equal from then on, and any other prompt recompile.
     torch.fx.experimental._config.use_duck_shape = False
     for layer in [*model.model.vision_model.encoder.layers, *model.model.text_model.layers]:
-        layer.compile(fullgraph=True, dynamic=True)
+        layer.compile(fullgraph=True, dynamic=True, backend=backend)
     for layer in model.model.text_model.layers:
-        layer.step = torch.compile(layer.step, fullgraph=True, dynamic=True)
+        layer.step = torch.compile(layer.step, fullgraph=True, dynamic=True, backend=backend)
 
 
 @torch.no_grad()

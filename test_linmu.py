@@ -1006,31 +1006,33 @@ def flat_tensors(caches) -> list:
     return found
 
 
-def test_decoding_steps_compile_once_for_every_step_and_context_and_layers_share_them(tiny_hub):
-    """A decoder layer's step has fixed shapes and no host synchronisation: it compiles whole (as
-    compile_model compiles it), one graph serves all of a model's layers, and neither the next
-    position nor a longer context (a larger teacher cache) compiles it again."""
+def test_decoding_steps_compile_once_for_every_step_and_context_and_layers_share_them(tiny_hub, monkeypatch):
+    """compile_model: a decoder layer's step has fixed shapes and no host synchronisation, so it
+    compiles whole, one graph serves all of a model's layers, and neither the next position nor a
+    longer context (a larger teacher cache) compiles it again."""
+    set_tuning(monkeypatch, None, 16)  # whole prompts, as on a GPU: a CPU's pieces make the prefill specialise on length
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    for model in decoding_models(tiny_hub).values():
-        eager = copy.deepcopy(model)
-        for layer in model.model.text_model.layers:
-            layer.step = torch.compile(layer.step, fullgraph=True, dynamic=True, backend="aot_eager")
-        compiled = False  # the first call compiles; any further compile is an error
-        for length in (20, 33):
-            ids = torch.randint(0, 250, (2, length), generator=torch.Generator().manual_seed(length))
-            with torch.no_grad():
-                out = model(ids, new_tokens=16)
-                reference = eager(ids, new_tokens=16).caches  # the same caches, stepped eagerly
-            token, position = out.logits[:, -1].argmax(-1), torch.tensor([length])
-            for _ in range(16):
-                with torch._dynamo.config.patch(error_on_recompile=compiled):
-                    logits = model.step(token, position, out.caches)
-                compiled = True
-                assert torch.allclose(logits, eager.step(token, position, reference), rtol=0, atol=1e-10)
-                assert not logits.requires_grad and not any(t.requires_grad for t in flat_tensors(out.caches))
-                token, position = logits.argmax(-1), position + 1
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # one for the teacher's layers, one for the student's
+    with torch.fx.experimental._config.patch(use_duck_shape=True):  # undoes compile_model's setting afterwards
+        for model in decoding_models(tiny_hub).values():
+            eager = copy.deepcopy(model)
+            linmu.compile_model(model, backend="aot_eager")
+            compiled = False  # the first call compiles; any further compile is an error
+            for length in (20, 33):
+                ids = torch.randint(0, 250, (2, length), generator=torch.Generator().manual_seed(length))
+                with torch.no_grad():
+                    out = model(ids, new_tokens=16)
+                    reference = eager(ids, new_tokens=16).caches  # the same caches, stepped eagerly
+                token, position = out.logits[:, -1].argmax(-1), torch.tensor([length])
+                for _ in range(16):
+                    with torch._dynamo.config.patch(error_on_recompile=compiled):
+                        logits = model.step(token, position, out.caches)
+                    compiled = True
+                    assert torch.allclose(logits, eager.step(token, position, reference), rtol=0, atol=1e-10)
+                    assert not logits.requires_grad and not any(t.requires_grad for t in flat_tensors(out.caches))
+                    token, position = logits.argmax(-1), position + 1
+    # per model, one graph for its layers' steps and one for their prefill (these prompts are text only)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2 * 2
 
 
 def test_generation_stops_every_sequence_at_its_end_token(tiny_hub):
