@@ -85,13 +85,21 @@ class Tuning:
       alternate the two), Q = 32 against 64: Flex-MA's prefill at 18,968 video tokens 0.83 against
       0.94 s, a whole M-MATE layer 1.70 against 1.76 s (Q = 16: 2.03 s), and toy.py's stage-2
       training step, 84 tokens a sequence, 139 against 159 ms. 32 it is.
+    chunks_per_block: the SSD scan's step 3 carries the state within blocks of this many chunks R,
+      then across blocks (see carry_across_chunks); what is scanned at once is padded to at least
+      two blocks. A GPU keeps 16, the value of every GPU measurement here. A CPU's pieces have 65
+      chunks and the toy's sequences 3, padded to 80 and 32 chunks with R = 16, to 72 and 16 with
+      R = 8; on the 2-core CPU above, R = 8 against 16: toy.py's training step 130 against 143 ms,
+      Flex-MA's prefill at 18,968 video tokens 0.90 against 0.94 s. 8 it is.
     """
 
     piece_tokens: int | None
     chunk_size: int
+    chunks_per_block: int
 
 
-TUNING = {"cpu": Tuning(piece_tokens=2048, chunk_size=32), "cuda": Tuning(piece_tokens=None, chunk_size=128)}
+TUNING = {"cpu": Tuning(piece_tokens=2048, chunk_size=32, chunks_per_block=8),
+          "cuda": Tuning(piece_tokens=None, chunk_size=128, chunks_per_block=16)}
 
 
 def tuning(device: torch.device) -> Tuning:
@@ -248,10 +256,8 @@ def segment_sum(a: Tensor) -> Tensor:
     return sums.masked_fill_(above.triu(1), -math.inf)  # in place: cumsum's backward does not need its output
 
 
-CHUNKS_PER_BLOCK = 16  # SSD step 3 carries the state within blocks of this many chunks, then across blocks
-
-
-def carry_across_chunks(chunk_states: Tensor, chunk_log_decay: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+def carry_across_chunks(chunk_states: Tensor, chunk_log_decay: Tensor, state: Tensor,
+                        chunks_per_block: int) -> tuple[Tensor, Tensor]:
     """SSD's step 3: the state entering each chunk, s_c = exp(a_{c-1}) s_{c-1} + own_{c-1}, s_0 = state.
 
     chunk_states: (B, H, c, P, N) each chunk's own final state (own_c); chunk_log_decay: (B, H, c)
@@ -261,14 +267,14 @@ def carry_across_chunks(chunk_states: Tensor, chunk_log_decay: Tensor, state: Te
     ssd_minimal writes this recurrence as one matmul with a (c x c) segment-sum of decays, whose
     cost grows with c^2. Here it has two levels, each one segment-sum matmul, so that the cost
     stays linear and the number of torch operations does not depend on c:
-      * within blocks of R = CHUNKS_PER_BLOCK chunks, from the block's own chunks ((R+1) x R per block);
+      * within blocks of R = chunks_per_block chunks, from the block's own chunks ((R+1) x R per block);
       * across blocks, from each block's own final state and `state`: ((c/R + 1) x (c/R + 1)), a
         quadratic term with a small constant: with R = 16, P = N = 64 and Q = 128 (a GPU's whole
-        prompt) its FLOPs are about 0.3% of steps 1, 2 and 4's at 75k tokens and 4% at a million,
-        and next to nothing in a CPU's 2048-token pieces.
+        prompt) its FLOPs are about 0.3% of steps 1, 2 and 4's at 75k tokens and 4% at a million;
+        with a CPU's R = 8 and Q = 32, 1.6% in its 2048-token pieces.
     """
     batch, heads, chunks, P, N = chunk_states.shape
-    R = CHUNKS_PER_BLOCK
+    R = chunks_per_block
     blocks = torch.sym_max(2, chunks // R + 1)  # at least one padded chunk (no input, no decay), two blocks: see ssd_scan
     pad = blocks * R - chunks
     own = F.pad(chunk_states.flatten(3), (0, 0, 0, pad)).unflatten(2, (blocks, R))  # (B, H, b, R, PN)
@@ -290,7 +296,7 @@ def carry_across_chunks(chunk_states: Tensor, chunk_log_decay: Tensor, state: Te
     return entering, entering_blocks[:, :, -1].unflatten(-1, (P, N))
 
 
-def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
+def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, chunks_per_block: int,
              initial_state: Tensor | None = None, exclusive: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The selective-SSM recurrence, computed chunk by chunk (Mamba2's SSD algorithm).
 
@@ -299,7 +305,8 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     leaves out token t's own input.
 
     x: (B, L, H, P); dt: (B, L, H), positive; A: (H,), negative; B, C: (B, L, G, N), H a multiple
-    of G; initial_state: (B, H, P, N) or None (zeros); exclusive: (B,) bool or None (none). Returns
+    of G; chunk_size Q and chunks_per_block R, a device's Tuning (speed, not the result);
+    initial_state: (B, H, P, N) or None (zeros); exclusive: (B,) bool or None (none). Returns
     y (B, L, H, P) in x's dtype and the final state (B, H, P, N) in the float32 (float64 for
     float64 inputs) the scan accumulates in.
 
@@ -354,7 +361,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     # 3. Carry the state across chunks: entering[:, :, c] is the state before chunk c
     state = (torch.zeros(batch, heads, head_dim, B.shape[-1], dtype=acc, device=x.device)
              if initial_state is None else initial_state.to(acc))
-    entering, state = carry_across_chunks(chunk_states, cum[..., -1], state)  # (B, H, c, P, N), (B, H, P, N)
+    entering, state = carry_across_chunks(chunk_states, cum[..., -1], state, chunks_per_block)  # (B, H, c, P, N), (B, H, P, N)
 
     # 4. Outputs from the carried-in state, decayed to each position
     y = y.add_((C * cum.exp()[..., None].to(dtype)) @ entering.transpose(-1, -2).to(dtype))  # (B, H, c, Q, P)
@@ -508,7 +515,8 @@ class FlexMA(nn.Module):
             inputs = torch.cat([F.pad(t, (0, 0, K - 1 + n - t.shape[1], 0)) for t in inputs])  # (d B, K - 1 + n, conv_dim)
             x, B, C = self._features(inputs, weight, bias)
             del inputs  # freed before the scan's temporaries
-            out, state = ssd_scan(x, torch.cat(d), A, B, C, settings.chunk_size, state, exclusive)  # (d B, n, H, P)
+            out, state = ssd_scan(x, torch.cat(d), A, B, C, settings.chunk_size, settings.chunks_per_block,
+                                  state, exclusive)  # (d B, n, H, P)
             y[:, piece].add_(out[:batch]).addcmul_(self.D[:, None], x[:batch])
             if visual is not None:  # back in the original order, to visual tokens only
                 y[:, mirror].addcmul_(out[batch:].flip(1), visual[:, mirror, None, None])

@@ -32,8 +32,9 @@ from linmu import (VLM, FlexMA, KVCache, LocalSwin, LoRALinear, MixerConfig, MMA
 
 
 def set_tuning(monkeypatch, piece_tokens, chunk_size):
-    """This machine's Tuning for the test: pieces of piece_tokens (None: the whole prompt, as on a GPU), SSD chunks."""
-    monkeypatch.setitem(linmu.TUNING, "cpu", Tuning(piece_tokens, chunk_size))
+    """This machine's Tuning for the test: pieces of piece_tokens (None: the whole prompt, as on a GPU), SSD
+    chunks, and blocks of 2 chunks in the scan's step 3, so that short prompts span several blocks."""
+    monkeypatch.setitem(linmu.TUNING, "cpu", Tuning(piece_tokens, chunk_size, chunks_per_block=2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,7 +135,7 @@ def test_ssd_scan_matches_sequential_recurrence(shape, dtype, tol):
     b, l, h, p, g, n, q = shape
     x, dt, A, B, C, h0 = random_scan_inputs(b, l, h, p, g, n, dtype)
     for init in (None, h0):
-        y, final = ssd_scan(x, dt, A, B, C, q, init)
+        y, final = ssd_scan(x, dt, A, B, C, q, 2, init)
         ref_y, ref_final = naive_ssm(*(t.double() for t in (x, dt, A, B, C)), None if init is None else init.double())
         assert y.dtype == dtype and y.shape == (b, l, h, p) and final.shape == (b, h, p, n)
         assert (y.double() - ref_y).abs().max() <= tol * ref_y.abs().max()
@@ -143,9 +144,9 @@ def test_ssd_scan_matches_sequential_recurrence(shape, dtype, tol):
 
 def test_ssd_scan_in_two_pieces_equals_one_pass():
     x, dt, A, B, C, _ = random_scan_inputs(2, 45, 4, 3, 2, 5, torch.float64)
-    y, final = ssd_scan(x, dt, A, B, C, 8)
-    y1, state = ssd_scan(x[:, :19], dt[:, :19], A, B[:, :19], C[:, :19], 8)
-    y2, final2 = ssd_scan(x[:, 19:], dt[:, 19:], A, B[:, 19:], C[:, 19:], 8, state)
+    y, final = ssd_scan(x, dt, A, B, C, 8, 2)
+    y1, state = ssd_scan(x[:, :19], dt[:, :19], A, B[:, :19], C[:, :19], 8, 2)
+    y2, final2 = ssd_scan(x[:, 19:], dt[:, 19:], A, B[:, 19:], C[:, 19:], 8, 2, state)
     assert torch.allclose(torch.cat([y1, y2], 1), y, rtol=0, atol=1e-12)
     assert torch.allclose(final2, final, rtol=0, atol=1e-12)
 
@@ -153,19 +154,20 @@ def test_ssd_scan_in_two_pieces_equals_one_pass():
 def test_ssd_scan_long_sequence_with_strong_decay_stays_finite_and_exact():
     x, dt, A, B, C, _ = random_scan_inputs(1, 3000, 2, 2, 1, 2, torch.float64)
     A = A * 50  # exp(dt*A) underflows within a few steps; a naive exp of a long cumsum would overflow
-    y, _ = ssd_scan(x, dt, A, B, C, 256)
+    y, _ = ssd_scan(x, dt, A, B, C, 256, 2)
     ref, _ = naive_ssm(x, dt, A, B, C)
     assert torch.isfinite(y).all() and (y - ref).abs().max() <= 1e-10 * ref.abs().max()
 
 
-@pytest.mark.parametrize("chunks", sorted({1, linmu.CHUNKS_PER_BLOCK - 1, linmu.CHUNKS_PER_BLOCK,
-                                            linmu.CHUNKS_PER_BLOCK + 1, 63, 64, 65, 1003}))
-def test_ssd_scan_carries_the_state_exactly_within_and_across_blocks_of_chunks(chunks):
-    """Step 3 works in two levels (blocks of CHUNKS_PER_BLOCK chunks, then across blocks): lengths on
-    either side of the block boundaries and over 1,000 chunks, a partial last chunk, a carried-in state."""
+@pytest.mark.parametrize("per_block,chunks", [(R, c) for R in sorted({t.chunks_per_block for t in linmu.TUNING.values()})
+                                              for c in sorted({1, R - 1, R, R + 1, 63, 64, 65, 1003})])
+def test_ssd_scan_carries_the_state_exactly_within_and_across_blocks_of_chunks(per_block, chunks):
+    """Step 3 works in two levels (blocks of per_block chunks, then across blocks), at each device's
+    block size: lengths on either side of the block boundaries and over 1,000 chunks, a partial last
+    chunk, a carried-in state."""
     length = max(1, 2 * chunks - 1)  # chunks of 2 tokens
     x, dt, A, B, C, h0 = random_scan_inputs(1, length, 2, 2, 1, 3, torch.float64, seed=chunks)
-    y, final = ssd_scan(x, dt * 0.2, A, B, C, 2, h0)  # a slow decay: the carried-in state reaches far
+    y, final = ssd_scan(x, dt * 0.2, A, B, C, 2, per_block, h0)  # a slow decay: the carried-in state reaches far
     ref_y, ref_final = naive_ssm(x, dt * 0.2, A, B, C, h0)
     assert (y - ref_y).abs().max() <= 1e-10 * ref_y.abs().max()
     assert (final - ref_final).abs().max() <= 1e-10 * ref_final.abs().max()
@@ -176,13 +178,13 @@ def test_ssd_scan_of_a_million_bf16_tokens_stays_finite():
     length = 1 << 20
     x, B, C = (torch.randn(1, length, 1, 4, generator=g).bfloat16() for _ in range(3))
     dt = torch.rand(1, length, 1, generator=g).bfloat16()
-    y, final = ssd_scan(x, dt, torch.tensor([-0.01]), B, C, 64)
+    y, final = ssd_scan(x, dt, torch.tensor([-0.01]), B, C, 64, 8)
     assert torch.isfinite(y).all() and torch.isfinite(final).all() and y.abs().max() > 0
 
 
 def test_ssd_scan_bf16_accumulates_in_float32():
     x, dt, A, B, C, _ = random_scan_inputs(1, 200, 2, 4, 1, 4, torch.float32)
-    y, final = ssd_scan(x.bfloat16(), dt.bfloat16(), A, B.bfloat16(), C.bfloat16(), 32)
+    y, final = ssd_scan(x.bfloat16(), dt.bfloat16(), A, B.bfloat16(), C.bfloat16(), 32, 2)
     ref, _ = naive_ssm(*(t.bfloat16().double() for t in (x, dt)), A.double(), *(t.bfloat16().double() for t in (B, C)))
     assert y.dtype == torch.bfloat16 and final.dtype == torch.float32
     assert (y.double() - ref).abs().max() <= 2e-2 * ref.abs().max()
@@ -191,7 +193,7 @@ def test_ssd_scan_bf16_accumulates_in_float32():
 def test_ssd_scan_gradients():
     x, dt, A, B, C, h0 = random_scan_inputs(1, 11, 2, 2, 1, 3, torch.float64)
     inputs = tuple(t.requires_grad_() for t in (x, dt, A, B, C, h0))
-    assert torch.autograd.gradcheck(lambda *a: ssd_scan(*a[:5], 4, a[5]), inputs)
+    assert torch.autograd.gradcheck(lambda *a: ssd_scan(*a[:5], 4, 2, a[5]), inputs)
 
 
 # ----------------------------------------------------------------------------------------------
