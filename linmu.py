@@ -183,7 +183,8 @@ def pieces(length: int, size: int | None) -> list[slice]:
     the opposite holds, and the whole prompt is one piece (Tuning)."""
     if size is None:
         return [slice(0, length)]
-    return [slice(start, min(start + size, length)) for start in range(0, length, size)]
+    count = max(1, -(-length // size))  # the pieces; under torch.compile a guard on this count, not on the length
+    return [slice(i * size, (i + 1) * size) for i in range(count - 1)] + [slice((count - 1) * size, length)]
 
 
 def per_token(fn, *xs: Tensor) -> Tensor | tuple[Tensor, ...]:
@@ -1525,6 +1526,9 @@ def compile_model(model: VLM, backend: str = "inductor") -> None:
     and one for text-only prompts; every step one. The decoding step is compiled layer by layer for
     that reason (compiled whole, 30 layers' steps made one graph that took a minute and more to
     compile on a CPU). On CUDA the step around them is then recorded as a CUDA graph (decoder).
+    On a CPU, whose pieces (Tuning) are a loop that dynamo unrolls, each number of pieces is a graph
+    of its own: with dynamo's limit of 8 graphs per function, a student's visual prompts compile up
+    to four pieces (8,192 tokens), and a longer prompt fails (fullgraph).
     backend: torch.compile's (the tests trace the same graphs with "aot_eager", which generates no code)."""
     # No duck sizing: sizes equal in the first prompt compiled (an image's 16-token Swin windows and
     # the 16-query text blocks) would be assumed equal from then on, and any other prompt recompile.

@@ -556,6 +556,30 @@ def test_decoder_layers_compile_whole_and_serve_every_prompt_length(monkeypatch)
             assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3 + 1  # the student's, the teacher's
 
 
+def test_with_a_cpus_pieces_compiled_layers_compile_once_per_number_of_pieces_not_per_length(monkeypatch):
+    """A CPU works through a prompt in pieces, a Python loop that dynamo unrolls: the graph depends on
+    how many pieces there are, and must not on the exact length (each new length of a training batch
+    would compile again, and the ninth fail with fullgraph)."""
+    set_tuning(monkeypatch, 256, 16)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = tiny_student_text_model(layers=2).eval()  # layer 0 scans the prompt's order, layer 1 another
+    for layer in model.layers:
+        layer.compile(fullgraph=True, dynamic=True, backend="aot_eager")
+    graphs = []
+    for i, frames in enumerate([4, 12, 20, 26]):  # 70 and 206 tokens: one piece; 342 and 444: two
+        visual, grids = video_prompt(frames)
+        layout = layout_of(visual, grids)
+        h = torch.randn(1, len(visual), 32)
+        with (torch.no_grad(), torch.fx.experimental._config.patch(use_duck_shape=False),
+              torch._dynamo.config.patch(error_on_recompile=i % 2 == 1)):  # the second length of each count: none
+            compiled = model(h, layout)[0]
+            with torch._dynamo.config.patch(disable=True):
+                assert torch.allclose(compiled, model(h, layout)[0], atol=1e-5)
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs == [2, 2, 4, 4], graphs
+
+
 # ----------------------------------------------------------------------------------------------
 # 5. LoRA
 
@@ -1012,7 +1036,7 @@ def test_decoding_steps_compile_once_for_every_step_and_context_and_layers_share
     """compile_model: a decoder layer's step has fixed shapes and no host synchronisation, so it
     compiles whole, one graph serves all of a model's layers, and neither the next position nor a
     longer context (a larger teacher cache) compiles it again."""
-    set_tuning(monkeypatch, None, 16)  # whole prompts, as on a GPU: a CPU's pieces make the prefill specialise on length
+    set_tuning(monkeypatch, None, 16)  # whole prompts, as on a GPU: one prefill graph, whatever the length
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     with torch.fx.experimental._config.patch(use_duck_shape=True):  # undoes compile_model's setting afterwards
