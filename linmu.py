@@ -1526,9 +1526,10 @@ def compile_model(model: VLM, backend: str = "inductor") -> None:
     and one for text-only prompts; every step one. The decoding step is compiled layer by layer for
     that reason (compiled whole, 30 layers' steps made one graph that took a minute and more to
     compile on a CPU). On CUDA the step around them is then recorded as a CUDA graph (decoder).
-    On a CPU, whose pieces (Tuning) are a loop that dynamo unrolls, each number of pieces is a graph
-    of its own: with dynamo's limit of 8 graphs per function, a student's visual prompts compile up
-    to four pieces (8,192 tokens), and a longer prompt fails (fullgraph).
+    On a CPU, whose pieces (Tuning) are a loop that dynamo unrolls, each kind of prompt has a graph
+    per number of pieces, and dynamo allows 8 graphs per function: a student's visual prompts (two
+    kinds) compile up to four pieces (8,192 tokens), fewer once text-only prompts come too, and
+    then fail (fullgraph).
     backend: torch.compile's (the tests trace the same graphs with "aot_eager", which generates no code)."""
     # No duck sizing: sizes equal in the first prompt compiled (an image's 16-token Swin windows and
     # the 16-query text blocks) would be assumed equal from then on, and any other prompt recompile.

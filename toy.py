@@ -1,6 +1,6 @@
 """LinMU on a laptop: a toy teacher, the three distillation stages and the paper's ablations, on CPU.
 
-    python toy.py                       # the whole experiment (10 to 11 minutes on 2 CPU cores), a table at the end
+    python toy.py                       # the whole experiment (10 to 12 minutes on 2 CPU cores), a table at the end
     python toy.py --seeds 3 --out toy.json  # three seeds: each row's mean and spread, and the results as JSON
     python toy.py --experiment local    # two shapes at once: a move is told by its neighbourhood alone
     python toy.py --experiment sweep    # the distillation settings the defaults were chosen from, "stream" among them
