@@ -6,7 +6,7 @@
 The teacher is SmolVLM2 with its decoder self-attention computed by PyTorch's
 scaled_dot_product_attention (flash / memory-efficient kernels where the device has them); the
 student is the same model with every decoder self-attention replaced by an M-MATE layer
-(linmu.convert_to_linmu). Both have the same dims (by default SmolVLM2-256M's, from
+(smolvlm.convert_to_linmu). Both have the same dims (by default SmolVLM2-256M's, from
 configs/smolvlm2-256m.json) and random weights: timing does not depend on the values.
 
 Workloads are prompts of SmolVLM2's shape: a chat prefix, the visual tokens (each frame or tile
@@ -21,7 +21,7 @@ then the question. Per workload and model:
     --vision-frames frames; TTFT is its time plus the prefill's;
   * decoding: generated tokens per second over --new-tokens greedy steps after the prefill, at
     batch 1 and at --batch (the batch-1 prefill's caches repeated, as identical prompts give),
-    through linmu.decoder: fixed-size caches written in place, replayed as a CUDA graph on CUDA
+    through speed.decoder: fixed-size caches written in place, replayed as a CUDA graph on CUDA
     for both models (the first step, which records the graph, is not timed);
   * peak memory of the prefill: on CUDA torch.cuda.max_memory_allocated above what was allocated
     before; on CPU the growth of the process's peak resident set (VmHWM, reset through
@@ -34,7 +34,7 @@ which cost both the same.
 
 Token ids, embeddings, frames and layouts are prepared outside the timed regions; each number is
 the median of --repeats runs after --warmup untimed runs, with CUDA synchronized around them. With
---variants compile, linmu.compile_model compiles every decoder and vision layer and the decoding
+--variants compile, speed.compile_model compiles every decoder and vision layer and the decoding
 step; the compile time (the warm-up runs less as many timed runs) is reported on its own, never
 inside a timing. Every row is printed as soon as it is measured, and --json is rewritten after
 each, so an interrupted run keeps what it measured.
@@ -57,17 +57,18 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from linmu import (VLM, InputError, PromptPlan, TokenLayout, VLMConfig, check_bounds, check_checkpoint, check_device,
-                   compile_model, convert_to_linmu, decoder, load_model, resolve_checkpoint, tuning, user_errors,
-                   write_json)
+from cli import InputError, check_bounds, check_device, user_errors, write_json
+from linmu import PromptPlan, TokenLayout
+from smolvlm import VLM, VLMConfig, check_checkpoint, convert_to_linmu, load_model, resolve_checkpoint
+from speed import compile_model, decoder, tune, tuning_for
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "smolvlm2-256m.json"
 PREFIX_TOKENS, QUESTION_TOKENS = 16, 8  # chat template and system text before, the question after
 FRAME_MARKER_TOKENS, TILE_MARKER_TOKENS = 10, 2  # "\nFrame from MM:SS:<fake><global-img>", "<fake><row_i_col_j>"
 MODELS = ("attention", "linmu")
 
-# Per-device defaults: a 2-core CPU finishes in a few minutes on 2 decoder layers (every layer costs
-# the same, so the per-layer ratio is the model's) and still passes the crossover; a GPU runs the
+# Per-device defaults: a CPU runs 2 decoder layers (every layer costs the same, so the per-layer
+# ratio is the model's), past the crossover and still short; a GPU runs the
 # whole model from one image to videos of 17 minutes (1024 frames, about 75k tokens).
 DEFAULTS = {
     "cpu": dict(frames="16,64,128,256", lengths="4096,16384", mixer_lengths="4096,8192,16384,32768", layers=2,
@@ -174,7 +175,7 @@ def build_models(args, device: torch.device, dtype: torch.dtype) -> tuple[VLM, V
             teacher = VLM(config).to(dtype)
     teacher = keep_layers(teacher.eval(), args.layers)
     student = keep_layers(student.eval(), args.layers) if student is not None else convert_to_linmu(teacher).eval()
-    return teacher, student, source
+    return tune(teacher, tuning_for(device)), tune(student, tuning_for(device)), source
 
 
 def repeat_batch(cache, batch: int):
@@ -223,7 +224,7 @@ def prefill(model: VLM, input_ids: Tensor, grids: list, image_features: Tensor |
 
 @torch.no_grad()
 def decode(step, token: Tensor, start: int, steps: int, image_token_id: int) -> Tensor:
-    """`steps` greedy decoding steps (linmu.decoder: a CUDA graph on CUDA) from position `start` -> the last token.
+    """`steps` greedy decoding steps (speed.decoder: a CUDA graph on CUDA) from position `start` -> the last token.
     Nothing here waits on the device: the position advances on it."""
     position = torch.full((1,), start, device=token.device)
     for _ in range(steps):
@@ -357,7 +358,8 @@ def bench_mixers(teacher: VLM, student: VLM, lengths: list[int], args, device: t
         ids = torch.full((1, frames * per_frame), config.image_token_id, device=device)
         layout = lambda: TokenLayout.build(ids, config.image_token_id, [[(frames, side, side)]])
         rope = tuple(t.to(dtype) for t in teacher.model.text_model.rotary(layout().positions))
-        plan = lambda settings: PromptPlan.build(layout(), rope, settings, layers=1)[0]
+        chunking = student.model.text_model.chunking
+        plan = lambda settings: PromptPlan.build(layout(), rope, settings, layers=1, chunking=chunking)[0]
         x = torch.randn(1, ids.shape[1], config.text.hidden_size, generator=torch.Generator().manual_seed(0))
         x = x.to(device, dtype)
         row = {"tokens": ids.shape[1], "frames": frames}
@@ -613,7 +615,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"torch {torch.__version__}, {device}, {str(dtype).removeprefix('torch.')}, {source}; decoder "
               f"{layers} of {config.text.num_hidden_layers} layers, width {config.text.hidden_size}, "
               f"{config.text.num_attention_heads} heads; {config.image_seq_len} tokens per frame or tile; LinMU's "
-              f"{tuning(device)}",
+              f"{tuning_for(device)}",
               f"median of {args.repeats} after {args.warmup} warm-up; decoding {args.new_tokens} tokens "
               f"({'CUDA graphs' if device.type == 'cuda' else 'eager'}); vision encoder timed for at most "
               f"{args.vision_frames} frames, TTFT = vision encoder + prefill"]

@@ -5,7 +5,7 @@
 Downloads the checkpoint (or reads a local directory), loads the teacher, replaces every decoder
 self-attention by an M-MATE layer initialized from its q/k/v/o weights (linmu.MMATE.from_attention),
 and writes the student (config.json with a "linmu" entry, model.safetensors, the tokenizer and
-processor files) where distill.py, bench.py and `python linmu.py --model` read it.
+processor files) where distill.py, bench.py and `python generate.py --model` read it.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from dataclasses import fields
 
 import torch
 
-from linmu import (MixerConfig, check_bounds, check_checkpoint, convert_to_linmu, load_model, resolve_checkpoint,
-                   save_model, user_errors)
+from cli import check_bounds, user_errors
+from linmu import MixerConfig
+from smolvlm import check_checkpoint, convert_to_linmu, load_model, resolve_checkpoint, save_model
 
 DEFAULT_TEACHER = "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"
 DEFAULT_STUDENT = "checkpoints/linmu-smolvlm2-256m"
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
                                                  "self-attention layers are M-MATE layers initialized from them.")
     parser.add_argument("--model", default=DEFAULT_TEACHER,
                         help="teacher: Hub repo id or local checkpoint directory (default: %(default)s)")
-    parser.add_argument("--out", default=DEFAULT_STUDENT, help="output directory for the student (default: %(default)s)")
+    parser.add_argument("--out", default=DEFAULT_STUDENT,
+                        help="output directory for the student (default: %(default)s)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="dtype of the written weights (default: %(default)s)")
     for field in fields(MixerConfig):

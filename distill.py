@@ -23,7 +23,7 @@ running residual stream, as at inference, so layers learn to correct each other'
 The logit term always runs the student end to end. toy.py measures both choices.
 
 Checkpoints are the Hub layout (config.json + model.safetensors + tokenizer files, loadable by
-`python linmu.py --model`, bench.py and the next stage) plus trainer.pt (the trained tensors,
+`python generate.py --model`, bench.py and the next stage) plus trainer.pt (the trained tensors,
 optimizer, schedule, step and RNG state), written atomically; --resume continues a stage exactly.
 """
 
@@ -47,9 +47,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from convert import DEFAULT_STUDENT, DEFAULT_TEACHER
-from linmu import (VLM, InputError, TokenLayout, add_lora, check_bounds, check_checkpoint, check_device,
-                   compile_model, convert_to_linmu, default_device, load_model, merge_lora, read_config,
-                   resolve_checkpoint, save_model, trainable_parameters, user_errors)
+from cli import InputError, check_bounds, check_device, default_device, user_errors
+from linmu import TokenLayout, add_lora, merge_lora, trainable_parameters
+from smolvlm import (VLM, check_checkpoint, convert_to_linmu, load_model, read_config, resolve_checkpoint,
+                     save_model)
+from speed import compile_model, tune, tuning_for
 
 DEFAULT_OUT = "checkpoints/distill"
 SMOKE_CONFIG = Path(__file__).parent / "configs" / "smolvlm2-256m.json"
@@ -584,8 +586,9 @@ def run_stage(args: argparse.Namespace) -> dict:
     if len(samples) <= args.eval_samples:
         raise InputError(f"{len(samples)} samples cannot spare {args.eval_samples} for evaluation: "
                          "give more samples or lower --eval-samples")
-    student = load_model(init, args.device)
-    teacher = load_model(teacher_path, args.device).requires_grad_(False)
+    tuning = tuning_for(torch.device(args.device))
+    student = tune(load_model(init, args.device), tuning)
+    teacher = tune(load_model(teacher_path, args.device), tuning).requires_grad_(False)
     held_out = SampleBatches(samples[:args.eval_samples], processor, cfg.batch_size, cfg.seed, args.device, shuffle=False)
     batches = SampleBatches(samples[args.eval_samples:], processor, cfg.batch_size, cfg.seed, args.device)
     return train_stage(student, teacher, batches, [held_out(i) for i in range(len(held_out))], cfg,

@@ -42,7 +42,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
-from linmu import InputError
+from cli import InputError
 
 # The special tokens SmolVLM's prompt format is written in (fixed by the checkpoint's tokenizer).
 IMAGE_TOKEN = "<image>"

@@ -1,13 +1,16 @@
 """The specification of LinMU, as tests: each compares with an independent reference or checks a
 property that fails when the code is wrong. Tiny configurations only: the suite runs on 2 CPU cores."""
 
-import importlib.util
 import copy
+import importlib.util
 import json
 import math
+import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,20 +24,26 @@ from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
 import bench
+import cli
+import generate
 import linmu
-import toy
 import processing as P
+import smolvlm
+import speed
+import toy
+from linmu import (MMATE, Chunking, FlexMA, KVCache, LocalSwin, LoRALinear, MixerConfig, PromptPlan, TokenLayout,
+                   add_lora, merge_lora, ssd_scan, trainable_parameters)
+from smolvlm import VLM, TextConfig, VisionConfig, VLMConfig, load_model, resolve_checkpoint, save_model
+from speed import Tuning, tune
 
 ROOT = Path(__file__).parent
-from linmu import (VLM, FlexMA, KVCache, LocalSwin, LoRALinear, MixerConfig, MMATE, PromptPlan, TextConfig,
-                   TokenLayout, Tuning, VisionConfig, VLMConfig, add_lora, load_model, merge_lora, resolve_checkpoint,
-                   save_model, ssd_scan, trainable_parameters)
 
 
-def set_tuning(monkeypatch, piece_tokens, chunk_size):
-    """This machine's Tuning for the test: pieces of piece_tokens (None: the whole prompt, as on a GPU), SSD
-    chunks, and blocks of 2 chunks in the scan's step 3, so that short prompts span several blocks."""
-    monkeypatch.setitem(linmu.TUNING, "cpu", Tuning(piece_tokens, chunk_size, chunks_per_block=2))
+def tuned(module, piece_tokens, chunk_size):
+    """The module with a test's speed settings: pieces of piece_tokens (None: the whole prompt, as on a GPU),
+    SSD chunks of chunk_size, and blocks of 2 chunks in the scan's step 3, so that short prompts span several
+    blocks."""
+    return tune(module, Tuning(piece_tokens, Chunking(chunk_size, chunks_per_block=2)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,7 +168,7 @@ def test_ssd_scan_long_sequence_with_strong_decay_stays_finite_and_exact():
     assert torch.isfinite(y).all() and (y - ref).abs().max() <= 1e-10 * ref.abs().max()
 
 
-@pytest.mark.parametrize("per_block,chunks", [(R, c) for R in sorted({t.chunks_per_block for t in linmu.TUNING.values()})
+@pytest.mark.parametrize("per_block,chunks", [(R, c) for R in sorted({t.chunking.chunks_per_block for t in speed.TUNING.values()})
                                               for c in sorted({1, R - 1, R, R + 1, 63, 64, 65, 1003})])
 def test_ssd_scan_carries_the_state_exactly_within_and_across_blocks_of_chunks(per_block, chunks):
     """Step 3 works in two levels (blocks of per_block chunks, then across blocks), at each device's
@@ -242,10 +251,7 @@ def flex_reference(flex, u, visual):
     return g.flatten(2) @ flex.out_proj.weight.T
 
 
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """SSD chunks of 4 tokens, so that the tiny sequences below span several chunks."""
-    set_tuning(monkeypatch, 2048, 4)
+SMALL = Chunking(chunk_size=4, chunks_per_block=2)  # the tiny sequences below span several chunks and blocks
 
 
 def tiny_flex(seed=0, conv_kernel=3):
@@ -268,25 +274,24 @@ VISUAL = torch.tensor([[0, 1, 1, 1, 0, 0, 1, 1, 1, 1, 0, 1, 0, 0, 0]], dtype=tor
 
 
 @pytest.mark.parametrize("piece", [None, 6, 4])  # one piece; pieces that split chunks and conv windows
-def test_flex_ma_matches_its_definition(piece, monkeypatch):
-    set_tuning(monkeypatch, piece, 4)
-    flex = tiny_flex()
+def test_flex_ma_matches_its_definition(piece):
+    flex = tuned(tiny_flex(), piece, 4)
     u = torch.randn(1, VISUAL.shape[1], 12, dtype=torch.float64)
-    out, _ = flex(u, VISUAL)
+    out, _ = flex(u, VISUAL, None, SMALL)
     assert torch.allclose(out, flex_reference(flex, u, VISUAL), rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("rotary", [False, True])
-def test_flex_ma_text_is_causal_and_visual_is_bidirectional(small_chunks, rotary):
+def test_flex_ma_text_is_causal_and_visual_is_bidirectional(rotary):
     flex = tiny_flex()
     u = torch.randn(1, VISUAL.shape[1], 12, dtype=torch.float64)
     grids = [(1, 1, 3), (2, 2, 1), (1, 1, 1)]  # VISUAL's runs of 3, 4 and 1 visual tokens
     scan = linmu.major_order(TokenLayout.build(VISUAL.long(), 1, [grids]), (3, 2, 1)) if rotary else None
-    base, _ = flex(u, VISUAL, scan)
+    base, _ = flex(u, VISUAL, scan, SMALL)
     for changed in range(VISUAL.shape[1]):
         v = u.clone()
         v[:, changed] += 1.0
-        out, _ = flex(v, VISUAL, scan)
+        out, _ = flex(v, VISUAL, scan, SMALL)
         moved = (out - base).abs().amax(-1)[0] > 1e-9
         if not VISUAL[0, changed]:  # a text token influences no earlier position
             assert not moved[:changed].any(), changed
@@ -312,27 +317,27 @@ def test_rotary_major_scan_lays_each_grid_out_in_its_major_order():
     assert not torch.equal(linmu.major_order(layout, (2, 3, 1))[0], positions)  # a time-major order moves tokens
 
 
-def test_flex_ma_with_rotary_scan_is_flex_ma_on_the_permuted_sequence(small_chunks):
+def test_flex_ma_with_rotary_scan_is_flex_ma_on_the_permuted_sequence():
     flex = tiny_flex()
     visual, grids = make_sequence([1, (3, 2, 2), 2])
     layout = layout_of(visual, grids)
     u = torch.randn(1, len(visual), 12, dtype=torch.float64)
     order, inverse = linmu.major_order(layout, (2, 3, 1))
-    out, cache = flex(u, layout.visual, (order, inverse))
-    scanned, scanned_cache = flex(u[:, order[0]], layout.visual)  # the definition: scan the permuted sequence
+    out, cache = flex(u, layout.visual, (order, inverse), SMALL)
+    scanned, scanned_cache = flex(u[:, order[0]], layout.visual, None, SMALL)  # the definition: scan it permuted
     assert torch.allclose(out, scanned[:, inverse[0]], rtol=0, atol=1e-12)
     assert torch.allclose(cache.ssm, scanned_cache.ssm, rtol=0, atol=1e-12)
-    assert not torch.allclose(out, flex(u, layout.visual)[0], atol=1e-6)  # the order matters
+    assert not torch.allclose(out, flex(u, layout.visual, None, SMALL)[0], atol=1e-6)  # the order matters
 
 
 @pytest.mark.parametrize("conv_kernel", [3, 1])  # 1: no convolution inputs to carry
-def test_flex_ma_prefill_then_steps_equals_full_pass(small_chunks, conv_kernel):
+def test_flex_ma_prefill_then_steps_equals_full_pass(conv_kernel):
     flex = tiny_flex(conv_kernel=conv_kernel)
     visual = torch.cat([VISUAL, torch.zeros(1, 6, dtype=torch.bool)], 1)
     u = torch.randn(2, visual.shape[1], 12, dtype=torch.float64)
-    full, final = flex(u, visual.expand(2, -1))
+    full, final = flex(u, visual.expand(2, -1), None, SMALL)
     prompt = VISUAL.shape[1]
-    out, cache = flex(u[:, :prompt], VISUAL.expand(2, -1))
+    out, cache = flex(u[:, :prompt], VISUAL.expand(2, -1), None, SMALL)
     steps = [out]
     for t in range(prompt, visual.shape[1]):
         steps.append(flex.step(u[:, t:t + 1], cache))  # the cache is updated in place
@@ -361,11 +366,11 @@ def layout_of(visual, grids, batch=1):
     return TokenLayout.build(ids, 1, [grids] * batch)
 
 
-def plan_of(layout, cfg, head_dim, dtype=torch.float32, new_tokens=0, layer=0):
+def plan_of(layout, cfg, head_dim, dtype=torch.float32, new_tokens=0, layer=0, chunking=SMALL):
     """The PromptPlan of a layout for decoder layer `layer` with M-MATE settings cfg (layer 0: unshifted
     windows, the prompt's own scan order; layer 1: shifted, column-major), RoPE tables computed independently."""
     rope = tuple(t.to(dtype) for t in rope_tables(layout.positions, head_dim))
-    return PromptPlan.build(layout, rope, cfg, layer + 1, new_tokens)[layer]
+    return PromptPlan.build(layout, rope, cfg, layer + 1, new_tokens, chunking)[layer]
 
 
 def dense_swin_reference(swin, x, layout, mask):
@@ -394,11 +399,10 @@ SWIN_CASES = {
 @pytest.mark.parametrize("shifted", [False, True])
 @pytest.mark.parametrize("piece", [None, 16])  # all windows at once; a window or two at a time
 @pytest.mark.parametrize("text_window", [7, 21])  # text blocks of 7 queries; of linmu.TEXT_BLOCK = 16
-def test_local_swin_matches_dense_masked_attention(case, shifted, piece, text_window, monkeypatch):
-    set_tuning(monkeypatch, piece, 4)
+def test_local_swin_matches_dense_masked_attention(case, shifted, piece, text_window):
     torch.manual_seed(0)
     cfg = MixerConfig(window_frames=2, window_rows=4, window_cols=4, text_window=text_window)
-    swin = LocalSwin(d_model=16, heads=4, kv_heads=2, head_dim=4, cfg=cfg)
+    swin = tuned(LocalSwin(d_model=16, heads=4, kv_heads=2, head_dim=4, cfg=cfg), piece, 4)
     visual, grids = make_sequence(SWIN_CASES[case])
     layout = layout_of(visual, grids, batch=2)
     x = torch.randn(2, len(visual), 16)
@@ -432,11 +436,10 @@ def test_local_swin_decoding_keeps_a_ring_of_its_window(prompt_text):
 
 
 @pytest.mark.parametrize("branches", ["both", "flex", "swin"])
-def test_mmate_prefill_then_decoding_equals_full_pass(branches, monkeypatch):
-    set_tuning(monkeypatch, 2048, 8)
+def test_mmate_prefill_then_decoding_equals_full_pass(branches):
     torch.manual_seed(0)
     cfg = MixerConfig(text_window=6, branches=branches)
-    layer = MMATE(d_model=16, heads=4, kv_heads=2, head_dim=4, cfg=cfg).double()
+    layer = tuned(MMATE(d_model=16, heads=4, kv_heads=2, head_dim=4, cfg=cfg).double(), 2048, 8)
     with torch.no_grad():
         layer.gate.weight.normal_()  # a gate that really varies per token
     visual, grids = make_sequence([3, (2, 4, 4), 2, (1, 4, 4), 4, 9])
@@ -453,11 +456,10 @@ def test_mmate_prefill_then_decoding_equals_full_pass(branches, monkeypatch):
 
 
 @pytest.mark.parametrize("piece", [None, 5])
-def test_mmate_mixes_its_branches_with_a_per_token_sigmoid_gate(piece, monkeypatch):
-    set_tuning(monkeypatch, piece, 4)
+def test_mmate_mixes_its_branches_with_a_per_token_sigmoid_gate(piece):
     torch.manual_seed(0)
     cfg = MixerConfig(text_window=6)
-    layer = MMATE(d_model=16, heads=4, kv_heads=2, head_dim=4, cfg=cfg).double()
+    layer = tuned(MMATE(d_model=16, heads=4, kv_heads=2, head_dim=4, cfg=cfg).double(), piece, 4)
     with torch.no_grad():
         layer.gate.weight.normal_()
         layer.gate.bias.fill_(0.3)
@@ -467,7 +469,7 @@ def test_mmate_mixes_its_branches_with_a_per_token_sigmoid_gate(piece, monkeypat
     plan = plan_of(layout, cfg, 4, torch.float64)
     out, _ = layer(x, plan)
     g = 1 / (1 + torch.exp(-(x @ layer.gate.weight.T + layer.gate.bias)))  # (1, L, 1), written out by hand
-    flex, swin = layer.flex(x, layout.visual)[0], layer.swin(x, plan.rope, plan.windows)[0]  # each tested above
+    flex, swin = layer.flex(x, layout.visual, None, SMALL)[0], layer.swin(x, plan.rope, plan.windows)[0]  # tested above
     assert g.std() > 0.1  # the gate really differs between tokens
     assert torch.allclose(out, g * flex + (1 - g) * swin, rtol=0, atol=1e-12)
 
@@ -499,14 +501,31 @@ def tiny_student_text_model(layers=2):
     torch.manual_seed(0)
     text = TextConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
                       num_key_value_heads=2)
-    return linmu.TextModel(text, MixerConfig(text_window=16))
+    return smolvlm.TextModel(text, MixerConfig(text_window=16))
+
+
+def test_a_cpus_pieces_give_the_plain_models_result_with_the_same_parameters():
+    """speed.tune swaps in piecewise modules (a prompt worked through 2 pieces and more) on the same
+    parameters: the decoder's output and caches equal the plain model's, and tuning back restores it."""
+    model = tiny_student_text_model(layers=2).double().eval()
+    names = sorted(model.state_dict())
+    visual, grids = video_prompt(8)  # 171 tokens: pieces of 64 split chunks, windows and frames
+    layout = layout_of(visual, grids)
+    h = torch.randn(1, len(visual), 32, dtype=torch.float64)
+    with torch.no_grad():
+        plain, plain_caches, _ = tuned(model, None, 8)(h, layout)
+        piecewise, caches, _ = tuned(model, 64, 8)(h, layout)
+        assert isinstance(model.layers[0], speed.PiecewiseDecoderLayer) and sorted(model.state_dict()) == names
+        assert torch.allclose(piecewise, plain, rtol=0, atol=1e-12)
+        assert all(torch.allclose(a, b, rtol=0, atol=1e-12)
+                   for a, b in zip(flat_tensors(caches), flat_tensors(plain_caches)))
+        assert type(tuned(model, None, 8).layers[0]) is smolvlm.DecoderLayer
 
 
 @pytest.mark.parametrize("piece", [None, 256])  # the GPU's setting, whole prompts; pieces, as a CPU has
-def test_prefill_calls_a_fixed_number_of_torch_operations_whatever_the_length(piece, monkeypatch):
+def test_prefill_calls_a_fixed_number_of_torch_operations_whatever_the_length(piece):
     """On a GPU every call is a launch: a layer whose number of calls grows with the prompt is launch-bound."""
-    set_tuning(monkeypatch, piece, 16)
-    model = tiny_student_text_model().eval()
+    model = tuned(tiny_student_text_model().eval(), piece, 16)
     layer = model.layers[1]
     counts = {}
     for frames in (16, 128):  # 315 and 2,443 tokens
@@ -523,20 +542,21 @@ def test_prefill_calls_a_fixed_number_of_torch_operations_whatever_the_length(pi
         assert layer_long > 4 * layer_short, counts
 
 
-def test_decoder_layers_compile_whole_and_serve_every_prompt_length(monkeypatch):
+def test_decoder_layers_compile_whole_and_serve_every_prompt_length():
     """fullgraph: no graph break (nothing waits on the host); dynamic: one compilation serves every
     length. The layers share their graphs, since what differs between layers is in their plans: a
     student compiles one for visual prompts read in their own order, one for visual prompts in
     another Rotary Major-Scan order and one for text-only prompts, the teacher one for all: within
     dynamo's limit of 8 recompilations, which the compile variant of bench.py (an image, videos,
     then text) used to exceed."""
-    set_tuning(monkeypatch, None, 32)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     no_duck_sizing = torch.fx.experimental._config.patch(use_duck_shape=False)  # as compile_model sets it
-    student = tiny_student_text_model(layers=len(linmu.MAJOR_ORDERS) + 1).eval()  # the last layer repeats the first's pattern
-    teacher = linmu.TextModel(TextConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    student = tiny_student_text_model(layers=len(linmu.MAJOR_ORDERS) + 1).eval()  # the last repeats the first's pattern
+    teacher = smolvlm.TextModel(TextConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=4, num_key_value_heads=2)).eval()
+    for model in (student, teacher):
+        tuned(model, None, 32)
     for model in (student, teacher):  # the graph capture is tested here; inductor's code generation by bench.py
         for layer in model.layers:
             layer.compile(fullgraph=True, dynamic=True, backend="aot_eager")
@@ -556,14 +576,13 @@ def test_decoder_layers_compile_whole_and_serve_every_prompt_length(monkeypatch)
             assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3 + 1  # the student's, the teacher's
 
 
-def test_with_a_cpus_pieces_compiled_layers_compile_once_per_number_of_pieces_not_per_length(monkeypatch):
+def test_with_a_cpus_pieces_compiled_layers_compile_once_per_number_of_pieces_not_per_length():
     """A CPU works through a prompt in pieces, a Python loop that dynamo unrolls: the graph depends on
     how many pieces there are, and must not on the exact length (each new length of a training batch
     would compile again, and the ninth fail with fullgraph)."""
-    set_tuning(monkeypatch, 256, 16)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    model = tiny_student_text_model(layers=1).eval()
+    model = tuned(tiny_student_text_model(layers=1).eval(), 256, 16)
     for layer in model.layers:
         layer.compile(fullgraph=True, dynamic=True, backend="aot_eager")
     graphs = []
@@ -629,7 +648,8 @@ def test_mmate_cost_grows_linearly_while_attention_grows_quadratically():
     def mixer_flops(frames):
         visual, grids = make_sequence([5, (frames, 8, 8), 40])
         layout = layout_of(visual, grids)
-        return flops(lambda: layer(torch.randn(1, len(visual), 32), plan_of(layout, cfg, 8)))
+        plan = plan_of(layout, cfg, 8, chunking=speed.TUNING["cpu"].chunking)
+        return flops(lambda: layer(torch.randn(1, len(visual), 32), plan))
 
     def attention_flops(length):
         q = torch.randn(1, 4, length, 8)
@@ -965,7 +985,7 @@ def test_convert_writes_a_student_that_loads_back_exactly(tiny_hub, tmp_path):
 
     convert.main(["--model", str(tiny_hub), "--out", str(tmp_path / "student"), "--text-window", "16"])
     student = load_model(tmp_path / "student")
-    expected = linmu.convert_to_linmu(load_model(tiny_hub), MixerConfig(text_window=16))
+    expected = smolvlm.convert_to_linmu(load_model(tiny_hub), MixerConfig(text_window=16))
     assert student.config.linmu == MixerConfig(text_window=16)
     assert all(isinstance(layer.self_attn, MMATE) for layer in student.model.text_model.layers)
     assert (tmp_path / "student" / "tokenizer.json").is_file()
@@ -981,7 +1001,7 @@ def test_fresh_student_equals_teacher_where_the_initialization_is_exact(tiny_hub
     teacher's attention. Flex-MA (linear attention without softmax) and visual windows are approximations
     that distillation closes, so those are not exact at initialization."""
     teacher = load_model(tiny_hub)
-    student = linmu.convert_to_linmu(teacher, MixerConfig(text_window=32, branches="swin"))
+    student = smolvlm.convert_to_linmu(teacher, MixerConfig(text_window=32, branches="swin"))
     ids = torch.randint(0, 250, (2, 32))
     with torch.no_grad():
         assert torch.allclose(student(ids).logits, teacher(ids).logits, rtol=0, atol=1e-5)
@@ -993,19 +1013,18 @@ def decoding_models(tiny_hub):
     """The tiny teacher and its student (text window 8, gates that differ per token), in float64:
     the comparisons below are of logic, not of rounding."""
     teacher = load_model(tiny_hub, dtype=torch.float64)
-    student = linmu.convert_to_linmu(teacher, MixerConfig(text_window=8))
+    student = smolvlm.convert_to_linmu(teacher, MixerConfig(text_window=8))
     for layer in student.model.text_model.layers:
         torch.nn.init.normal_(layer.self_attn.gate.weight)  # make the per-token gate matter
     return {"teacher": teacher, "student": student}
 
 
 @pytest.mark.parametrize("kind", ["teacher", "student"])
-def test_static_cache_decoding_equals_the_full_forward_for_32_steps(tiny_hub, kind, monkeypatch):
-    set_tuning(monkeypatch, 2048, 16)
-    model = decoding_models(tiny_hub)[kind]
+def test_static_cache_decoding_equals_the_full_forward_for_32_steps(tiny_hub, kind):
+    model = tuned(decoding_models(tiny_hub)[kind], 2048, 16)
     batch = image_batch(tiny_hub)
     ids, pixels, grids = batch["input_ids"], batch["pixel_values"].double(), batch["grids"]
-    new = linmu.generate(model, ids, pixels, grids=grids, max_new_tokens=32)
+    new = generate.generate(model, ids, pixels, grids=grids, max_new_tokens=32)
     with torch.no_grad():
         full = model(torch.cat([ids, new], 1), pixels, grids=grids).logits[:, ids.shape[1] - 1:-1]  # no caches at all
         out = model(ids, pixels, grids=grids, new_tokens=32)
@@ -1032,17 +1051,17 @@ def flat_tensors(caches) -> list:
     return found
 
 
-def test_decoding_steps_compile_once_for_every_step_and_context_and_layers_share_them(tiny_hub, monkeypatch):
+def test_decoding_steps_compile_once_for_every_step_and_context_and_layers_share_them(tiny_hub):
     """compile_model: a decoder layer's step has fixed shapes and no host synchronisation, so it
     compiles whole, one graph serves all of a model's layers, and neither the next position nor a
     longer context (a larger teacher cache) compiles it again."""
-    set_tuning(monkeypatch, None, 16)  # whole prompts, as on a GPU: one prefill graph, whatever the length
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     with torch.fx.experimental._config.patch(use_duck_shape=True):  # undoes compile_model's setting afterwards
         for model in decoding_models(tiny_hub).values():
+            tuned(model, None, 16)  # whole prompts, as on a GPU: one prefill graph, whatever the length
             eager = copy.deepcopy(model)
-            linmu.compile_model(model, backend="aot_eager")
+            speed.compile_model(model, backend="aot_eager")
             compiled = False  # the first call compiles; any further compile is an error
             for length in (20, 33):
                 ids = torch.randint(0, 250, (2, length), generator=torch.Generator().manual_seed(length))
@@ -1064,9 +1083,9 @@ def test_decoding_steps_compile_once_for_every_step_and_context_and_layers_share
 def test_generation_stops_every_sequence_at_its_end_token(tiny_hub):
     model = decoding_models(tiny_hub)["teacher"]
     ids = torch.randint(0, 250, (2, 12), generator=torch.Generator().manual_seed(0))
-    free = linmu.generate(model, ids, max_new_tokens=8)
+    free = generate.generate(model, ids, max_new_tokens=8)
     end = int(free[0, 2])  # the first sequence's third token ends it
-    stopped = linmu.generate(model, ids, max_new_tokens=8, eos_token_id=end)
+    stopped = generate.generate(model, ids, max_new_tokens=8, eos_token_id=end)
     stops = [int((row == end).nonzero()[0]) + 1 if (row == end).any() else 8 for row in free]  # tokens up to the end
     assert stops[0] <= 3 and stopped.shape[1] == max(stops)
     for row, free_row, stop in zip(stopped, free, stops):
@@ -1076,10 +1095,10 @@ def test_generation_stops_every_sequence_at_its_end_token(tiny_hub):
 def test_generation_command_line_runs_on_teacher_and_student(tiny_hub, tmp_path, capsys):
     image = tmp_path / "image.png"
     TF.to_pil_image(random_image(30, 40, 1)).save(image)
-    student = save_model(linmu.convert_to_linmu(load_model(tiny_hub)), tmp_path / "student", source=tiny_hub)
+    student = save_model(smolvlm.convert_to_linmu(load_model(tiny_hub)), tmp_path / "student", source=tiny_hub)
     for model in (tiny_hub, student):
-        linmu.main(["--model", str(model), "--image", str(image), "--prompt", "What?", "--max-new-tokens", "4",
-                    "--temperature", "0.8", "--top-p", "0.9"])
+        generate.main(["--model", str(model), "--image", str(image), "--prompt", "What?", "--max-new-tokens", "4",
+                       "--temperature", "0.8", "--top-p", "0.9"])
         assert capsys.readouterr().out.strip()
 
 
@@ -1333,7 +1352,7 @@ def test_missing_and_unreadable_files(tmp_path):
     try:
         import torchcodec  # noqa: F401
     except ImportError:
-        with pytest.raises(linmu.InputError, match="needs torchcodec"):
+        with pytest.raises(cli.InputError, match="needs torchcodec"):
             P.load_video(tmp_path / "clip.mp4")
 
 
@@ -1364,7 +1383,7 @@ def pair(tiny_hub):
 
 def fresh_student(teacher):
     torch.manual_seed(0)
-    return linmu.convert_to_linmu(teacher, MixerConfig(text_window=16))
+    return smolvlm.convert_to_linmu(teacher, MixerConfig(text_window=16))
 
 
 STAGE_TRAINS = {  # parameter-name fragments each stage must train, and only those
@@ -1475,7 +1494,7 @@ def test_compiled_and_eager_losses_agree(pair):
     distill.prepare_stage(student, cfg)
     batch = batches(1)
     eager, _ = distill.distill_loss(student, teacher, batch, cfg)
-    linmu.compile_model(student)  # what distill.py --compile does
+    speed.compile_model(student)  # what distill.py --compile does
     compiled, _ = distill.distill_loss(student, teacher, batch, cfg)
     assert abs(compiled.item() - eager.item()) < 1e-4
 
@@ -1493,7 +1512,7 @@ def test_distill_command_line_names_the_missing_step(tmp_path, capsys):
 def test_distill_command_line_runs_a_stage_from_jsonl(tiny_hub, tmp_path):
     import distill
 
-    student = save_model(linmu.convert_to_linmu(load_model(tiny_hub)), tmp_path / "student", source=tiny_hub)
+    student = save_model(smolvlm.convert_to_linmu(load_model(tiny_hub)), tmp_path / "student", source=tiny_hub)
     TF.to_pil_image(random_image(30, 40, 1)).save(tmp_path / "a.png")
     lines = [{"image": "a.png", "prompt": f"Question {i}?", "response": "An answer."} for i in range(4)]
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
@@ -1582,7 +1601,7 @@ def test_bench_times_a_converted_checkpoint_against_a_loaded_teacher(tmp_path, c
     torch.manual_seed(0)
     teacher = VLM(VLMConfig.from_hf_dict(BENCH_TINY))
     save_model(teacher, tmp_path / "teacher")
-    save_model(linmu.convert_to_linmu(teacher), tmp_path / "student")
+    save_model(smolvlm.convert_to_linmu(teacher), tmp_path / "student")
     rows = bench.main(["--model", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
                        "--tiles", "none", "--frames", "2", "--lengths", "", "--mixer-lengths", "", "--vision-frames", "0",
                        "--new-tokens", "1", "--batch", "2", "--warmup", "0", "--repeats", "1", "--threads", "1",
@@ -1594,7 +1613,7 @@ def test_bench_times_a_converted_checkpoint_against_a_loaded_teacher(tmp_path, c
 def test_bench_mixer_sweep_reports_running_out_of_memory_as_a_gap(monkeypatch, capsys):
     torch.manual_seed(0)
     teacher = VLM(VLMConfig.from_hf_dict(BENCH_TINY)).eval()
-    student = linmu.convert_to_linmu(teacher).eval()
+    student = smolvlm.convert_to_linmu(teacher).eval()
     args = bench.parse_args(["--config", "unused", "--warmup", "0", "--repeats", "1"])
     timed, calls = bench.measure, []
 
@@ -1760,7 +1779,7 @@ def mistakes(tmp_path_factory, tiny_hub):
     """Inputs a user can get wrong, each beside a good one: checkpoints (a teacher, its student, a teacher
     whose model.safetensors is cut in half), images, frame folders, a video file, JSONL data."""
     root = tmp_path_factory.mktemp("mistakes")
-    student = save_model(linmu.convert_to_linmu(load_model(tiny_hub)), root / "student", source=tiny_hub)
+    student = save_model(smolvlm.convert_to_linmu(load_model(tiny_hub)), root / "student", source=tiny_hub)
     truncated = root / "truncated"
     shutil.copytree(tiny_hub, truncated)
     weights = (truncated / "model.safetensors").read_bytes()
@@ -1786,23 +1805,23 @@ TORCHCODEC = importlib.util.find_spec("torchcodec") is not None
 STAGE = ["--stage", "1", "--student", "{student}", "--teacher", "{teacher}", "--out", "{out}"]
 BENCH_OUT = ["--threads", "1", "--json", "{out}/bench.json", "--plot", "{out}/bench.png"]
 MISTAKES = [  # (command, flags, what the error line says); {name} is a path of `mistakes`, {out} a fresh one
-    pytest.param("linmu.py", ["--model", "{missing}"], "does not exist", id="linmu-missing-checkpoint"),
-    pytest.param("linmu.py", ["--model", "{teacher}", "--image", "{missing}"], "image file not found",
-                 id="linmu-missing-image"),
-    pytest.param("linmu.py", ["--model", "{teacher}", "--image", "{bad_image}"], "cannot decode image",
-                 id="linmu-undecodable-image"),
-    pytest.param("linmu.py", ["--model", "{teacher}", "--video", "{empty}"], "no frame images",
-                 id="linmu-empty-frames-folder"),
-    pytest.param("linmu.py", ["--model", "{teacher}", "--video", "{bad_frames}"], "frame_0001.png",
-                 id="linmu-undecodable-frame"),
-    pytest.param("linmu.py", ["--model", "{truncated}", "--image", "{image}"],
-                 "model.safetensors is not a readable safetensors file", id="linmu-truncated-weights"),
-    pytest.param("linmu.py", ["--model", "{teacher}", "--video", "{clip}"], "needs torchcodec",
-                 id="linmu-video-file-without-torchcodec",
+    pytest.param("generate.py", ["--model", "{missing}"], "does not exist", id="generate-missing-checkpoint"),
+    pytest.param("generate.py", ["--model", "{teacher}", "--image", "{missing}"], "image file not found",
+                 id="generate-missing-image"),
+    pytest.param("generate.py", ["--model", "{teacher}", "--image", "{bad_image}"], "cannot decode image",
+                 id="generate-undecodable-image"),
+    pytest.param("generate.py", ["--model", "{teacher}", "--video", "{empty}"], "no frame images",
+                 id="generate-empty-frames-folder"),
+    pytest.param("generate.py", ["--model", "{teacher}", "--video", "{bad_frames}"], "frame_0001.png",
+                 id="generate-undecodable-frame"),
+    pytest.param("generate.py", ["--model", "{truncated}", "--image", "{image}"],
+                 "model.safetensors is not a readable safetensors file", id="generate-truncated-weights"),
+    pytest.param("generate.py", ["--model", "{teacher}", "--video", "{clip}"], "needs torchcodec",
+                 id="generate-video-file-without-torchcodec",
                  marks=pytest.mark.skipif(TORCHCODEC, reason="torchcodec is installed")),
-    pytest.param("linmu.py", ["--model", "{teacher}", "--device", "tpu:3"], "no such device", id="linmu-unknown-device"),
-    pytest.param("linmu.py", ["--model", "{teacher}", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1",
-                 id="linmu-zero-tokens"),
+    pytest.param("generate.py", ["--model", "{teacher}", "--device", "tpu:3"], "no such device", id="generate-unknown-device"),
+    pytest.param("generate.py", ["--model", "{teacher}", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1",
+                 id="generate-zero-tokens"),
     pytest.param("convert.py", ["--model", "{student}", "--out", "{out}"], "where a SmolVLM2 teacher is needed",
                  id="convert-student-as-teacher"),
     pytest.param("convert.py", ["--model", "{truncated}", "--out", "{out}"], "is not a readable safetensors file",
@@ -1860,7 +1879,7 @@ def test_every_input_mistake_gives_one_error_line_and_writes_nothing(command, fl
     import convert
     import distill
 
-    main = {"linmu.py": linmu.main, "convert.py": convert.main, "distill.py": distill.main, "bench.py": bench.main}
+    main = {"generate.py": generate.main, "convert.py": convert.main, "distill.py": distill.main, "bench.py": bench.main}
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
         main[command]([flag.format(out=out, **mistakes) for flag in flags])
@@ -1869,6 +1888,35 @@ def test_every_input_mistake_gives_one_error_line_and_writes_nothing(command, fl
     assert err.startswith(f"{command}: error: ") and err.count("\n") == 1 and err.endswith("\n"), err
     assert message in err
     assert not out.exists()
+
+
+AS_A_USER_RUNS_THEM = [  # (command, flags, what the error line says): each script run as its own program
+    ("generate.py", ["--model", "{teacher}", "--image", "{bad_image}"], "cannot decode image"),
+    ("generate.py", ["--model", "{teacher}", "--video", "{bad_frames}"], "frame_0001.png"),
+    ("generate.py", ["--model", "{missing}", "--image", "{image}"], "does not exist"),
+    ("generate.py", ["--model", "{truncated}", "--image", "{image}"], "is not a readable safetensors file"),
+    ("convert.py", ["--model", "{truncated}", "--out", "{out}"], "is not a readable safetensors file"),
+    ("distill.py", [*STAGE, "--data", "{missing_image}"], "missing_image.jsonl:1:"),
+    ("bench.py", ["--model", "{missing}", *BENCH_OUT], "does not exist"),
+]
+
+
+def test_every_command_run_as_a_program_gives_one_error_line_for_bad_input(mistakes, tmp_path):
+    """`python <command> ...` as a user runs it: the script is the module __main__, and the error its
+    user_errors catches is the one the library raises (cli.InputError, one class for every module),
+    so a bad image, a frame folder of non-images, a missing or corrupt checkpoint end with exit
+    status 2 and one `command: error:` line, never a traceback. The runs go side by side."""
+    runs = []
+    for i, (command, flags, message) in enumerate(AS_A_USER_RUNS_THEM):
+        args = [flag.format(out=tmp_path / f"out{i}", **mistakes) for flag in flags]
+        runs.append((command, message, subprocess.Popen([sys.executable, str(ROOT / command), *args], cwd=tmp_path,
+                                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                                        env={**os.environ, "HF_HUB_OFFLINE": "1"})))
+    for command, message, run in runs:
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 2, (command, err)
+        assert err.startswith(f"{command}: error: ") and err.count("\n") == 1 and message in err, (command, err)
+        assert "Traceback" not in err + out
 
 
 def test_a_programming_error_inside_the_library_keeps_its_traceback(tiny_hub, monkeypatch):

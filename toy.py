@@ -1,6 +1,6 @@
 """LinMU on a laptop: a toy teacher, the three distillation stages and the paper's ablations, on CPU.
 
-    python toy.py                       # the whole experiment (10 to 12 minutes on 2 CPU cores), a table at the end
+    python toy.py                       # the whole experiment (RESULTS.md gives its time), a table at the end
     python toy.py --seeds 3 --out toy.json  # three seeds: each row's mean and spread, and the results as JSON
     python toy.py --experiment local    # two shapes at once: a move is told by its neighbourhood alone
     python toy.py --experiment sweep    # the distillation settings the defaults were chosen from, "stream" among them
@@ -18,15 +18,15 @@ per frame on a 4x4 grid. The decoder sees each frame as a frame-marker token and
 (one token per cell), then `questions` questions, each "ask <colour>" answered by three tokens:
 the row and the column of the shape in the frame where it had that colour, and the way it moved
 to get there from the frame before. A model is scored on the last question, by exact match of its
-greedily generated answer (linmu.generate). Answering needs
+greedily generated answer (generate.generate). Answering needs
   * global retrieval: the frame with that colour lies 12 to 63 tokens back, always outside the
     text window of Local-Swin (MixerConfig.text_window = 8), and
   * local structure: the exact cell of the shape, and its move, which compares neighbouring cells
     of two adjacent frames (the vision encoder sees one frame at a time, so only the decoder can).
 
-The experiment. A tiny attention teacher in the real architecture (linmu.VLM: SigLIP encoder,
+The experiment. A tiny attention teacher in the real architecture (smolvlm.VLM: SigLIP encoder,
 pixel-shuffle connector, Llama decoder) is trained from scratch on the task; convert.py's code path
-(linmu.convert_to_linmu) turns it into a LinMU student, distill.py's train_stage runs the three
+(smolvlm.convert_to_linmu) turns it into a LinMU student, distill.py's train_stage runs the three
 stages on fresh task samples (answers included), and the ablations run beside it: no stage 1,
 no Local-Swin (Flex-MA only), no Flex-MA (Local-Swin only), no distillation and the prompt's own
 scan order (no Rotary Major-Scan); the other hidden-state target ("stream") is a distillation
@@ -50,7 +50,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from distill import DistillConfig, evaluate, train_stage
-from linmu import VLM, MixerConfig, TextConfig, VisionConfig, VLMConfig, convert_to_linmu, generate, write_json
+from cli import write_json
+from generate import generate
+from linmu import MixerConfig
+from smolvlm import VLM, TextConfig, VisionConfig, VLMConfig, convert_to_linmu
+from speed import TUNING, tune
 
 # ----------------------------------------------------------------------------------------------
 # The task: procedurally drawn videos of a walking shape, and questions about them
@@ -90,7 +94,8 @@ class Task:
     def answer_positions(self) -> torch.Tensor:
         """Positions of every answer token in a sample, question by question: (questions * ANSWER_LENGTH,)."""
         first = 1 + self.frames * (1 + self.grid**2) + 2  # after the first "ask <colour>"
-        return torch.tensor([first + q * (2 + ANSWER_LENGTH) + i for q in range(self.questions) for i in range(ANSWER_LENGTH)])
+        return torch.tensor([first + q * (2 + ANSWER_LENGTH) + i
+                             for q in range(self.questions) for i in range(ANSWER_LENGTH)])
 
 
 def shape_masks(cell: int) -> torch.Tensor:
@@ -163,7 +168,8 @@ def make_batch(task: Task, size: int, seed: int) -> dict:
     # the tokens: the video, then questions about distinct shapes in frames 1.. T-1 (each has a move)
     asked = torch.stack([torch.randperm((T - 1) * W, generator=g)[:task.questions] for _ in range(size)])  # (B, Q)
     walker, frame = asked // (T - 1), asked % (T - 1) + 1  # (B, Q) each
-    video = [task.token("<bos>")] + sum(([task.token(f"frame{t}")] + [task.token("<image>")] * G * G for t in range(T)), [])
+    frame = lambda t: [task.token(f"frame{t}")] + [task.token("<image>")] * G * G  # its marker, its cells
+    video = [task.token("<bos>")] + sum((frame(t) for t in range(T)), [])
     colour_ids = torch.tensor([task.token(c) for c in COLOURS])
     b = torch.arange(size)[:, None]
     qa = torch.stack([torch.full_like(asked, task.token("ask")), colour_ids[colours[b, walker, frame]],
@@ -286,7 +292,8 @@ RECIPES = [
 # Flex-MA's convolution reaches some of them in some scan orders only. The rows: the full recipe
 # and Flex-MA alone, each with and without Rotary Major-Scan. Two walkers take the teacher twice
 # the steps to learn (on seed 0: 0.58 exact match after 1,500 steps, 0.91 after 3,000).
-LOCAL_RECIPES = [r for r in RECIPES if r[0] in ("LinMU: stages 1-3", "ablation: Flex-MA only", "ablation: no Rotary Major-Scan")] + [
+LOCAL_RECIPES = [r for r in RECIPES
+                 if r[0] in ("LinMU: stages 1-3", "ablation: Flex-MA only", "ablation: no Rotary Major-Scan")] + [
     ("ablation: Flex-MA only, no Rotary Major-Scan",
      [(0, {"rotary_scan": False}), (1, {}), (2, {"branches": "flex"}), (3, {"branches": "flex"})])]
 LOCAL = replace(FULL, teacher_steps=3000)
@@ -304,8 +311,8 @@ SWEEP += [(f"T = 2, w = 3, dt <= {dt:g}, A <= {A:g}", [(0, {"dt_max": dt, "A_max
 SWEEP += [("hidden target \"stream\"", [(stage, {"hidden_target": "stream"}) for stage in (1, 2, 3)])]
 
 # The long experiment: the default run with stage 2 four times as long (2,400 steps), for the full
-# recipe and every ablation. The default run keeps under 15 minutes on 2 cores by stopping stage 2
-# at 600 steps, where the student is still learning; this shows where each recipe goes given the steps.
+# recipe and every ablation. The default run stops stage 2 at 600 steps, to stay short, where the
+# student is still learning; this shows where each recipe goes given the steps.
 LONG = replace(FULL, stage_steps=(600, 2400, 150))
 
 # name: the task, its rows, how long they train
@@ -317,7 +324,7 @@ def run(settings: Settings, seed: int, recipes: list = RECIPES, task: Task = Tas
     """Train the teacher, convert it, distill each recipe -> {"rows": [teacher, then one per recipe], ...}."""
     started = time.perf_counter()
     torch.manual_seed(seed)
-    teacher = VLM(toy_config(task))
+    teacher = tune(VLM(toy_config(task)), TUNING["cpu"])  # toy.py runs on the CPU
     train_teacher(teacher, task, settings.teacher_steps, settings.teacher_batch, settings.teacher_lr, seed)
     teacher.requires_grad_(False)
     held_out = [make_batch(task, 128, sample_seed(seed, "held_out", i))
@@ -328,7 +335,7 @@ def run(settings: Settings, seed: int, recipes: list = RECIPES, task: Task = Tas
     tqdm.write(f"teacher: held-out exact match {base['accuracy']:.3f} "
                f"(chance about {1 / (task.grid ** 2 * len(MOVES)):.3f})")
 
-    init = convert_to_linmu(teacher, toy_mixer(task))
+    init = tune(convert_to_linmu(teacher, toy_mixer(task)), TUNING["cpu"])
     students = {(): init}  # the student after each prefix of stages, by the prefix
     for name, recipe in recipes:
         key = tuple((stage, tuple(sorted(o.items()))) for stage, o in recipe)
@@ -337,14 +344,16 @@ def run(settings: Settings, seed: int, recipes: list = RECIPES, task: Task = Tas
         for i in range(len(done), len(key)):
             stage, overrides = recipe[i]
             if stage == 0:
-                student = convert_to_linmu(teacher, replace(toy_mixer(task), **overrides))
+                student = tune(convert_to_linmu(teacher, replace(toy_mixer(task), **overrides)), TUNING["cpu"])
                 students[key[:i + 1]] = copy.deepcopy(student)
                 continue
             torch.manual_seed(seed + stage)
-            cfg = DistillConfig(**{"stage": stage, "steps": settings.stage_steps[stage - 1], "lr": settings.stage_lr[stage - 1],
-                                   "batch_size": settings.batch_size, "warmup": settings.stage_steps[stage - 1] // 20,
+            cfg = DistillConfig(**{"stage": stage, "steps": settings.stage_steps[stage - 1],
+                                   "lr": settings.stage_lr[stage - 1], "batch_size": settings.batch_size,
+                                   "warmup": settings.stage_steps[stage - 1] // 20,
                                    "eval_every": 0, "save_every": 0, "seed": seed, **overrides})
-            batch_at = lambda j, s=stage: make_batch(task, settings.batch_size, sample_seed(seed, "distill", 10_000 * s + j))
+            batch_at = lambda j, s=stage: make_batch(task, settings.batch_size,
+                                                     sample_seed(seed, "distill", 10_000 * s + j))
             train_stage(student, teacher, batch_at, [], cfg)
             students[key[:i + 1]] = copy.deepcopy(student)
         row = {"model": name, "stages": " + ".join(str(s) for s, _ in recipe if s) or "-",
@@ -379,10 +388,12 @@ def table(rows: list[dict], seeds: int) -> str:
     """The summary as a markdown table: the mean over the seeds, and its spread where there are several."""
     cell = lambda r, metric, spec: (format(r[metric], spec) if seeds == 1
                                     else f"{format(r[metric], spec)} ± {format(r[f'{metric}_std'], spec)}")
-    lines = ["| model | stages | held-out exact match | % of teacher | answers = teacher's | token KL to teacher | token top-1 agreement |",
+    lines = ["| model | stages | held-out exact match | % of teacher | answers = teacher's | token KL to teacher "
+             "| token top-1 agreement |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['stages']} | {cell(r, 'accuracy', '.3f')} | {cell(r, 'of_teacher', '.0%')} | "
+        lines.append(f"| {r['model']} | {r['stages']} | {cell(r, 'accuracy', '.3f')} | "
+                     f"{cell(r, 'of_teacher', '.0%')} | "
                      f"{cell(r, 'agreement', '.3f')} | {cell(r, 'kl', '.4f')} | {cell(r, 'top1', '.3f')} |")
     return "\n".join(lines)
 
@@ -402,7 +413,8 @@ def load_runs(paths: list[str]) -> list[dict]:
     for path in paths:
         try:
             found = json.loads(Path(path).read_text())["runs"]
-            if not all({"seed", "task", "settings", "rows", "seconds", "held_out_samples"} <= run.keys() for run in found):
+            keys = {"seed", "task", "settings", "rows", "seconds", "held_out_samples"}
+            if not all(keys <= run.keys() for run in found):
                 raise ValueError("a run lacks a field")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise ValueError(f"{path} is not a file toy.py --out wrote ({error})") from None
@@ -430,9 +442,9 @@ def main(argv: list[str] | None = None) -> None:
                              "so a move is told only by which shape of the frame before stood next to the "
                              "answered cell (the full recipe and Flex-MA only, each with and without Rotary "
                              "Major-Scan; the teacher trains twice as long); sweep: the full recipe under each setting "
-                             "of SWEEP (KL temperature and weight, Flex-MA's dt/A spread, the hidden-state target), how the "
-                             "defaults were chosen; long: every row of recipes, with four times the stage-2 steps (72 "
-                             "minutes a seed with three seeds side by side on 2 cores, one thread each)")
+                             "of SWEEP (KL temperature and weight, Flex-MA's dt/A spread, the hidden-state target), "
+                             "how the "
+                             "defaults were chosen; long: every row of recipes, with four times the stage-2 steps")
     parser.add_argument("--out", help="also write the results (each seed's rows, the summary, settings, wall time) "
                                       "to this JSON file, rewritten after every seed")
     parser.add_argument("--table", nargs="+", metavar="JSON",
@@ -443,7 +455,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, not {args.seeds}")
     if args.table:
-        if others := [f"--{name}" for name, value in vars(args).items() if name != "table" and value != parser.get_default(name)]:
+        if others := [f"--{name}" for name, value in vars(args).items()
+                      if name != "table" and value != parser.get_default(name)]:
             parser.error(f"--table prints earlier runs and takes no other flag: leave out {', '.join(others)}")
         try:
             print(report(load_runs(args.table)))

@@ -1,0 +1,254 @@
+"""The speed layer: everything here exists only for speed, and the model is complete without it.
+
+linmu.py and smolvlm.py compute each prompt whole and plainly; this module makes the same
+computation fast on a given device, and each of its paths is tested equal to the plain one:
+
+  * Tuning: the per-device settings (how long a prompt's pieces are, how Flex-MA's scan is
+    chunked), applied to a model by tune(); the numbers behind them are in RESULTS.md, "Device
+    settings";
+  * pieces: on a CPU, a long prompt is worked through a piece of tokens at a time, by piecewise
+    subclasses of the model's modules that tune() swaps in (the same parameters, the same results);
+  * compile_model: torch.compile of every layer, one graph for every prompt length;
+  * decoder: the decoding step recorded once as a CUDA graph, then replayed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx.experimental._config
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from linmu import MMATE, Chunking, FlexMA, LocalSwin, Windows, ssd_scan, window_attention
+from smolvlm import VLM, DecoderLayer, TextModel
+
+# ----------------------------------------------------------------------------------------------
+# Per-device settings
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """How a model works through a prompt on one kind of device. It changes speed and memory, never
+    the result beyond rounding, so it belongs to the machine, not to the model.
+
+    piece_tokens: the prompt is worked through this many tokens at a time, None for all at once. A
+      CPU wants small pieces, whose temporaries stay in its caches; a GPU wants the whole prompt, a
+      few large kernels per layer instead of many small ones.
+    chunking: the SSD scan's chunk length and block of chunks (linmu.Chunking). A GPU takes the
+      longer chunk for its lower peak memory, a CPU the shorter for speed.
+    The values of TUNING are measured: RESULTS.md, "Device settings".
+    """
+
+    piece_tokens: int | None
+    chunking: Chunking
+
+
+TUNING = {"cpu": Tuning(piece_tokens=2048, chunking=Chunking(chunk_size=32, chunks_per_block=8)),
+          "cuda": Tuning(piece_tokens=None, chunking=Chunking(chunk_size=128, chunks_per_block=16))}
+
+
+def tuning_for(device: torch.device) -> Tuning:
+    """The settings for a device: CUDA's on CUDA, the CPU's elsewhere."""
+    return TUNING["cuda" if device.type == "cuda" else "cpu"]
+
+
+def tune(model: nn.Module, tuning: Tuning) -> nn.Module:
+    """Apply a device's settings to a model (a VLM, or any module holding the model's parts), in place.
+
+    Its decoder's scans take tuning.chunking; with tuning.piece_tokens, each FlexMA, LocalSwin, MMATE
+    and DecoderLayer becomes its piecewise subclass below (the same parameters and state_dict), and
+    without, the plain class again."""
+    for module in model.modules():
+        if isinstance(module, TextModel):
+            module.chunking = tuning.chunking
+        plain = PLAIN.get(type(module), type(module))
+        if plain in PIECEWISE:
+            module.__class__ = PIECEWISE[plain] if tuning.piece_tokens is not None else plain
+            module.piece_tokens = tuning.piece_tokens
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# A CPU's pieces
+
+
+def pieces(length: int, size: int) -> list[slice]:
+    """Consecutive slices of at most `size` covering range(length), one at least.
+
+    Working through a long prompt a piece at a time, each piece continuing from where the previous
+    one ended, gives the same result as one pass, with temporaries that do not grow with the
+    prompt. On a CPU that is most of the speed: a piece's temporaries stay in cache and are reused
+    by the allocator, where whole-prompt temporaries are fresh memory, paged in on every call."""
+    count = max(1, -(-length // size))  # the pieces; under torch.compile a guard on this count, not on the length
+    return [slice(i * size, (i + 1) * size) for i in range(count - 1)] + [slice((count - 1) * size, length)]
+
+
+def in_pieces(fn, size: int, *xs: Tensor) -> Tensor | tuple[Tensor, ...]:
+    """fn(*xs) for a function that treats every token alone (norms, MLPs, gates, projections):
+    xs (B, L, ...), `size` tokens at a time, so that only the result (a tensor, or a tuple of them
+    if fn returns one) spans the whole prompt."""
+    spans = pieces(xs[0].shape[1], size)
+    if len(spans) == 1:
+        return fn(*xs)
+    outputs = [fn(*(x[:, piece] for x in xs)) for piece in spans]
+    if isinstance(outputs[0], Tensor):
+        return torch.cat(outputs, dim=1)
+    return tuple(torch.cat(parts, dim=1) for parts in zip(*outputs))
+
+
+class PiecewiseFlexMA(FlexMA):
+    """FlexMA whose scans and output gate work through the prompt piece_tokens at a time."""
+
+    piece_tokens: int
+
+    def _scan(self, xBC: Tensor, dt: Tensor, visual: Tensor | None, chunking: Chunking) -> tuple[Tensor, Tensor]:
+        """FlexMA._scan a piece at a time. The backward direction's pieces are the forward pieces'
+        mirror images, so that each piece of both directions is one scan, as in the plain pass.
+        Each piece reads the K - 1 conv inputs before it in scan order (zeros before the first
+        token) and starts from the state its direction's previous piece ended in."""
+        batch, length, _ = xBC.shape
+        convs = [self.conv_forward] if visual is None else [self.conv_forward, self.conv_backward]
+        weight = torch.stack([conv.weight[:, 0] for conv in convs])  # (d, conv_dim, K)
+        bias = torch.stack([conv.bias for conv in convs])  # (d, conv_dim)
+        K = weight.shape[-1]
+        exclusive = torch.arange(len(convs) * batch, device=xBC.device) >= batch  # the backward direction's
+        A = -self.A_log.exp()
+        y, state = xBC.new_zeros(batch, length, self.heads, self.head_dim), None  # both directions add into y
+        for piece in pieces(length, self.piece_tokens):
+            n = piece.stop - piece.start
+            inputs, d = [xBC[:, max(0, piece.start - (K - 1)):piece.stop]], [dt[:, piece]]  # the piece, K - 1 before
+            if visual is not None:  # the mirror piece and the K - 1 after it, reversed; text: no input, no decay
+                mirror = slice(length - piece.stop, length - piece.start)
+                after = slice(mirror.start, mirror.stop + K - 1)  # clipped at the sequence's end
+                inputs.append((xBC[:, after] * visual[:, after, None]).flip(1))
+                d.append((dt[:, mirror] * visual[:, mirror, None]).flip(1))
+            inputs = torch.cat([F.pad(t, (0, 0, K - 1 + n - t.shape[1], 0)) for t in inputs])  # (d B, K - 1 + n, C)
+            x, B, C = self._features(inputs, weight, bias)
+            del inputs  # freed before the scan's temporaries
+            out, state = ssd_scan(x, torch.cat(d), A, B, C, chunking.chunk_size, chunking.chunks_per_block,
+                                  state, exclusive)  # (d B, n, H, P)
+            y[:, piece].add_(out[:batch]).addcmul_(self.D[:, None], x[:batch])
+            if visual is not None:  # back in the original order, to visual tokens only
+                y[:, mirror].addcmul_(out[batch:].flip(1), visual[:, mirror, None, None])
+        return y, state[:batch]
+
+    def _output(self, y: Tensor, z: Tensor) -> Tensor:
+        return in_pieces(super()._output, self.piece_tokens, y, z)
+
+
+class PiecewiseLocalSwin(LocalSwin):
+    """LocalSwin whose projections, and whose windows' attention, work piece_tokens queries at a time."""
+
+    piece_tokens: int
+
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return in_pieces(super().qkv, self.piece_tokens, x, cos, sin)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, windows: Windows) -> Tensor:
+        per_piece = max(1, self.piece_tokens // windows.queries.shape[1])  # windows
+        return torch.cat([window_attention(q, k, v, Windows(windows.queries[piece], windows.keys[piece],
+                                                             windows.mask[piece], windows.writes[piece]))
+                          for piece in pieces(len(windows.queries), per_piece)])
+
+
+class PiecewiseMMATE(MMATE):
+    """MMATE whose gate mixes its branches piece_tokens at a time."""
+
+    piece_tokens: int
+
+    def _gated_sum(self, x: Tensor, flex: Tensor, swin: Tensor) -> Tensor:
+        return in_pieces(super()._gated_sum, self.piece_tokens, x, flex, swin)
+
+
+class PiecewiseDecoderLayer(DecoderLayer):
+    """DecoderLayer whose norm and feed-forward work piece_tokens at a time."""
+
+    piece_tokens: int
+
+    def forward(self, h: Tensor, plan) -> tuple[Tensor, object]:
+        y, cache = self.self_attn(in_pieces(self.input_layernorm, self.piece_tokens, h), plan)
+        return in_pieces(self._feed_forward, self.piece_tokens, h, y), cache
+
+
+PIECEWISE = {FlexMA: PiecewiseFlexMA, LocalSwin: PiecewiseLocalSwin, MMATE: PiecewiseMMATE,
+             DecoderLayer: PiecewiseDecoderLayer}
+PLAIN = {piecewise: plain for plain, piecewise in PIECEWISE.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding as a CUDA graph, and torch.compile
+
+
+class CUDAGraphStep:
+    """A decoding step (token, position) -> logits recorded once as a CUDA graph, then replayed.
+
+    A decoding step is hundreds of small kernels; launched one by one from Python, the GPU waits
+    on the host for each. The fixed-size caches (written in place) and the position as a tensor
+    make the step a function of fixed buffers, which a CUDA graph replays with one launch.
+
+    Why torch.cuda.CUDAGraph and not torch.compile(mode="reduce-overhead"): the graph records the
+    very code that runs eagerly (compiled or not: see compile_model), it is a dozen lines to read,
+    and reduce-overhead declines to graph a function that writes into its inputs, which is what
+    a decoding step does to its caches.
+
+    The first call runs the step for real on a side stream (so that cuBLAS and the allocator set
+    up their workspaces outside the capture), then records the graph without running it. Every
+    call returns the same logits buffer, overwritten by the next call.
+    """
+
+    def __init__(self, step):
+        self.step = step
+        self.graph = None
+
+    def __call__(self, token: Tensor, position: Tensor) -> Tensor:
+        if self.graph is not None:
+            self.token.copy_(token)
+            self.position.copy_(position)
+            self.graph.replay()
+            return self.logits
+        self.token, self.position = token.clone(), position.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            logits = self.step(self.token, self.position)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self.step(self.token, self.position)
+        return logits
+
+
+def decoder(model: VLM, caches: list):
+    """model.step on these caches as a function (token (B,), position (1,)) -> logits (B, V):
+    eager on the CPU (the reference), a CUDA graph on CUDA."""
+    step = lambda token, position: model.step(token, position, caches)
+    return CUDAGraphStep(step) if next(model.parameters()).device.type == "cuda" else step
+
+
+def compile_model(model: VLM, backend: str = "inductor") -> None:
+    """torch.compile what runs most: every vision and decoder layer, and each decoder layer's decoding step.
+
+    Each is compiled whole (fullgraph: a graph break is an error) with dynamic shapes, so one
+    compilation serves prompts of every length: a layer reads only tensors and the PromptPlan,
+    and never waits on the host. The layers of a model share their compiled code, since what
+    differs between them is data (PromptPlan): compiling costs seconds per graph, not per layer. A
+    student's prefill has a graph for visual prompts with and without a Rotary Major-Scan order,
+    and one for text-only prompts; every step one. The decoding step is compiled layer by layer for
+    that reason (compiled whole, 30 layers' steps make one graph, slow to compile: RESULTS.md,
+    "Compile"). On CUDA the step around them is then recorded as a CUDA graph (decoder).
+    On a CPU, whose pieces (Tuning) are a loop that dynamo unrolls, each kind of prompt has a graph
+    per number of pieces, and dynamo allows 8 graphs per function: a student's visual prompts (two
+    kinds) compile up to four pieces (8,192 tokens), fewer once text-only prompts come too, and
+    then fail (fullgraph).
+    backend: torch.compile's (the tests trace the same graphs with "aot_eager", which generates no code)."""
+    # No duck sizing: sizes equal in the first prompt compiled (an image's 16-token Swin windows and
+    # the 16-query text blocks) would be assumed equal from then on, and any other prompt recompile.
+    torch.fx.experimental._config.use_duck_shape = False
+    for layer in [*model.model.vision_model.encoder.layers, *model.model.text_model.layers]:
+        layer.compile(fullgraph=True, dynamic=True, backend=backend)
+    for layer in model.model.text_model.layers:
+        layer.step = torch.compile(layer.step, fullgraph=True, dynamic=True, backend=backend)
+
+
