@@ -389,9 +389,9 @@ class FlexMA(nn.Module):
         exclusive = torch.arange(len(convs) * batch, device=xBC.device) >= batch  # the backward direction's
         out, state = ssd_scan(x, torch.cat(steps), -self.A_log.exp(), B, C, chunking.chunk_size,
                               chunking.chunks_per_block, exclusive=exclusive)  # (d B, L, H, P)
-        y = out[:batch] + self.D[:, None] * x[:batch]
+        y = torch.addcmul(out[:batch], self.D[:, None], x[:batch])  # + D x_t
         if visual is not None:  # back in the original order, to visual tokens only
-            y = y + out[batch:].flip(1) * visual[..., None, None]
+            y.addcmul_(out[batch:].flip(1), visual[..., None, None])
         return y, state[:batch]
 
     def _output(self, y: Tensor, z: Tensor) -> Tensor:
