@@ -46,6 +46,10 @@ the median of --repeats runs after --warmup untimed runs, with CUDA synchronized
 step; the compile time (the warm-up runs less as many timed runs) is reported on its own, never
 inside a timing. Every row is printed as soon as it is measured, and --json is rewritten after
 each, so an interrupted run keeps what it measured.
+
+With --profile WORKLOAD, nothing is timed: torch.profiler records the first decoder layer of each
+model on that workload, its prefill and one decoding step, and prints the top operations by
+self device time (CPU time on a CPU); --json then names a folder for the Chrome traces.
 """
 
 from __future__ import annotations
@@ -594,6 +598,52 @@ def bench_mixers(teacher: VLM, student: VLM, lengths: list[int], args, device: t
 
 
 # ----------------------------------------------------------------------------------------------
+# Profile
+
+PROFILE_ROWS = 12  # operations a profile table shows
+
+
+@torch.no_grad()
+def profile_layer(model: VLM, name: str, load: Workload, device: torch.device, folder: Path | None) -> list[str]:
+    """torch.profiler on the first decoder layer of a model: its prefill of the workload (the PromptPlan built
+    before, as the decoder builds it before its layers), then one decoding step at the prompt's end, each after an
+    untimed run. Returns, for each, a title and the table of its top operations by self device time (CPU time on
+    a CPU); with a folder, writes each one's Chrome trace there, trace-<model>-<prefill|step>.json."""
+    ids, grids, features = workload_inputs(load, model.config, device, model.lm_head.weight.dtype)
+    text = model.model.text_model
+    h = model.embed(ids, features)
+    plan = text.plan(TokenLayout.build(ids, model.config.image_token_id, grids), h.dtype, new_tokens=1)[0]
+    layer = decoder_layers(model)[0]
+    position = torch.full((1,), ids.shape[1], device=device)
+    rope = tuple(t.to(h.dtype) for t in text.rotary(position[None]))
+    _, cache = layer(h, plan)
+    phases = {"prefill": lambda: layer(h, plan), "step": lambda: layer.step(h[:, -1:], rope, position, cache)}
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    self_time = (lambda e: e.self_device_time_total) if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
+    lines = []
+    for phase, run in phases.items():
+        run()
+        synchronize(device)
+        with torch.profiler.profile(activities=activities) as profiler:
+            run()
+            synchronize(device)
+        if folder is not None:
+            profiler.export_chrome_trace(str(folder / f"trace-{name}-{phase}.json"))
+        events = profiler.key_averages()
+        total = sum(self_time(e) for e in events)
+        top = sorted(events, key=self_time, reverse=True)[:PROFILE_ROWS]
+        what = f"prefill of {load.name} ({load.tokens} tokens)" if phase == "prefill" else "one decoding step"
+        lines += [f"{name}, first decoder layer, {what}: {total / 1e3:.3f} ms of self "
+                  f"{'CUDA' if device.type == 'cuda' else 'CPU'} time, the top {len(top)} operations",
+                  columns(["operation", "calls", "self ms", "%"],
+                          [[e.key[:70], str(e.count), f"{self_time(e) / 1e3:.3f}", f"{100 * self_time(e) / total:.1f}"]
+                           for e in top], left=1)]
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
 # Reporting
 
 
@@ -869,12 +919,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peak-gbs", type=float,
                         help="the device's peak memory GB/s, for the '%% of peak' columns (default: "
                              "configs/cards.json's figure for a known CUDA card, else unknown)")
+    parser.add_argument("--profile", metavar="WORKLOAD",
+                        help="instead of timing, profile the first decoder layer of each model (eager) on this "
+                             "workload, named as the table names it (e.g. 'video 64 s'; the workloads come from "
+                             "--frames, --lengths and --tiles): its prefill and one decoding step, printing the top "
+                             "operations by device time; with --json FOLDER, writes their Chrome traces there")
     parser.add_argument("--variants", type=variants_arg,
                         help="eager, compile (torch.compile'd layers) or eager,compile (default: cpu "
                              f"{DEFAULTS['cpu']['variants']}, cuda {DEFAULTS['cuda']['variants']})")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before each measurement (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported (default: %(default)s)")
-    parser.add_argument("--json", help="also write the results, machine-readable, to this file")
+    parser.add_argument("--json", help="also write the results, machine-readable, to this file; with --profile, a "
+                                       "folder (created if need be) for the Chrome traces")
     parser.add_argument("--plot", default="bench.png",
                         help="PNG of TTFT and throughput against video length, when matplotlib is installed "
                              "(default: %(default)s)")
@@ -891,6 +947,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+@user_errors("bench.py")
+def profile_target(args, loads: list[Workload]) -> tuple[Workload, Path | None]:
+    """The workload --profile names, and the folder --json names for the traces (created), or None."""
+    load = next((w for w in loads if w.name == args.profile), None)
+    if load is None:
+        raise InputError(f"--profile {args.profile!r}: no such workload; these flags give "
+                         + ", ".join(repr(w.name) for w in loads))
+    folder = None if args.json is None else Path(args.json)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    return load, folder
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     device = args.device
@@ -900,6 +969,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     models = dict(zip(MODELS, (teacher, student)))
     config, layers = teacher.config, len(decoder_layers(teacher))
     loads = workloads(config, args.tiles, args.frames, args.lengths)
+    if args.profile is not None:
+        load, folder = profile_target(args, loads)
+        print(f"bench.py --profile: LinMU student vs attention teacher on {machine(device)}\n"
+              f"torch {torch.__version__}, {device}, {str(dtype).removeprefix('torch.')}, {source}; LinMU's "
+              f"{tuning(device)}", flush=True)
+        for name, model in models.items():
+            print("\n".join(profile_layer(model, name, load, device, folder)), flush=True)
+        print(f"Chrome traces written to {folder}" if folder else "no Chrome traces: pass --json FOLDER for them")
+        return []
     if args.memory_budget_mib is None:
         free = free_memory(device)
         args.memory_budget_mib = None if free is None else free / 2**20

@@ -1901,7 +1901,7 @@ def test_smoke_run_builds_converts_and_times_stage_one_at_a_tiny_size(tmp_path, 
 
 
 # ----------------------------------------------------------------------------------------------
-# 12. bench.py against each model's limits: work counted from the sizes, rates, batches
+# 12. bench.py against each model's limits: work counted from the sizes, rates, batches, the profile
 
 
 def cpu_attention_flops(query, key, value, dropout_p=0.0, is_causal=False, attn_mask=None, scale=None, **kwargs):
@@ -2044,13 +2044,38 @@ def test_bench_default_batches_go_up_to_the_most_sequences_the_budget_fits():
     assert bench.default_batches(5) == [5] and bench.default_batches(0) == [2]  # not even two fit: rows will say so
 
 
+def test_bench_profile_prints_the_top_operations_of_one_layer_and_writes_chrome_traces(bench_config, tmp_path, capsys):
+    folder = tmp_path / "traces"
+    assert bench.main(["--config", str(bench_config), "--profile", "video 3 s", "--frames", "3", "--lengths", "",
+                       "--tiles", "none", "--layers", "1", "--threads", "1", "--json", str(folder)]) == []
+    printed = capsys.readouterr().out
+    tokens = bench.workloads(VLMConfig.from_hf_dict(BENCH_TINY), None, [3], [])[-1].tokens
+    titles = re.findall(r"^(\w+), first decoder layer, (.+?): [\d.]+ ms of self CPU time", printed, re.M)
+    phases = [f"prefill of video 3 s ({tokens} tokens)", "one decoding step"]
+    assert titles == [(model, phase) for model in bench.MODELS for phase in phases]
+    tables = re.split(r"^\w+, first decoder layer, .+$", printed, flags=re.M)[1:]
+    for table in tables:
+        rows = [re.split(r"\s{2,}", line.strip()) for line in table.strip().splitlines()[1:] if line.startswith("  ")]
+        assert 0 < len(rows) <= bench.PROFILE_ROWS and all(row[0].startswith("aten::") for row in rows)
+        times = [float(row[2]) for row in rows]
+        assert times == sorted(times, reverse=True) and sum(float(row[3]) for row in rows) <= 100.05
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in tables[0]  # the teacher's causal attention
+    for model in bench.MODELS:
+        for phase in ("prefill", "step"):
+            events = json.loads((folder / f"trace-{model}-{phase}.json").read_text())["traceEvents"]
+            assert any(e.get("name") == "aten::mm" for e in events)
+    assert f"Chrome traces written to {folder}" in printed
+
+
 @pytest.mark.parametrize("argv,message", [
+    (["--profile", "video 9 s"], "--profile 'video 9 s': no such workload; these flags give 'image', 'hi-res 2x2+1', "
+                                 "'video 2 s', 'video 3 s', 'text 160', 'text 200'"),
     (["--batch", "2,0"], "positive integers"),
     (["--memory-budget-mib", "0"], "--memory-budget-mib must be more than 0"),
     (["--peak-tflops", "-1"], "--peak-tflops must be more than 0"),
     (["--peak-gbs", "0"], "--peak-gbs must be more than 0"),
 ])
-def test_bench_limit_flags_give_a_one_line_error(bench_config, argv, message, capsys):
+def test_bench_limit_and_profile_flags_give_a_one_line_error(bench_config, argv, message, capsys):
     with pytest.raises(SystemExit) as exit:
         bench.main(["--config", str(bench_config), *BENCH_SMALLEST, *argv])
     error = (capsys.readouterr().err.strip() or str(exit.value)).splitlines()[-1]
