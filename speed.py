@@ -8,6 +8,8 @@ computation fast on a given device, and each of its paths is tested equal to the
     settings";
   * pieces: on a CPU, a long prompt is worked through a piece of tokens at a time, by piecewise
     subclasses of the model's modules that tune() swaps in (the same parameters, the same results);
+  * fused layers: on a GPU, fused subclasses that tune() swaps in, with one input projection per
+    mixer and MLP, for the teacher and the student alike;
   * compile_model: torch.compile of every layer, one graph for every prompt length;
   * decoder: the decoding step recorded once as a CUDA graph, then replayed.
 """
