@@ -72,7 +72,8 @@ def tune(model: nn.Module, tuning: Tuning) -> nn.Module:
     Its decoder's scans take tuning.chunking; with tuning.piece_tokens, each FlexMA, LocalSwin, MMATE
     and DecoderLayer becomes its piecewise subclass below, with tuning.fused each MLP, Attention and
     M-MATE layer (both branches) its fused subclass, and otherwise the plain class again: the same
-    parameters and state_dict whatever the class. Tune again after changing the weights in place."""
+    parameters and state_dict whatever the class. Fused weights are made when tune() runs: tune after
+    moving the model to its device and dtype (which copies parameters and buffers apart)."""
     for module in model.modules():
         if isinstance(module, TextModel):
             module.chunking = tuning.chunking
