@@ -260,18 +260,18 @@ class FusedMMATE(MMATE):
 
     def fuse(self) -> None:
         flex, swin = self.flex, self.swin
-        inner, conv_dim, heads = flex.d_inner, flex.conv_dim, flex.heads
         qkv = swin.q_proj.weight, swin.k_proj.weight, swin.v_proj.weight
         share(self, "w_in", [flex.in_proj.weight, *qkv, self.gate.weight])
-        share(self, "b_in", [flex.z_bias, flex.z_bias.new_zeros(conv_dim), flex.dt_bias,
+        share(self, "b_in", [flex.z_bias, flex.z_bias.new_zeros(flex.conv_dim), flex.dt_bias,
                              flex.z_bias.new_zeros(sum(w.shape[0] for w in qkv)), self.gate.bias])
         share(self, "w_out", [flex.out_proj.weight, swin.o_proj.weight], dim=1)
         self.register_buffer("A", -flex.A_log.detach().exp()[:, None, None], persistent=False)  # (H, 1, 1)
-        self.sizes = [inner, conv_dim, heads, sum(w.shape[0] for w in qkv), 1]
 
     def _project(self, x: Tensor) -> tuple[Tensor, ...]:
         """x (B, n, D) -> z, xBC, dt (softplus'ed), qkv and the gate g, each (B, n, ...)."""
-        z, xBC, dt, qkv, gate = F.linear(x, self.w_in, self.b_in).split(self.sizes, dim=-1)
+        flex, swin = self.flex, self.swin
+        sizes = [flex.d_inner, flex.conv_dim, flex.heads, (swin.num_heads + 2 * swin.num_kv_heads) * swin.head_dim, 1]
+        z, xBC, dt, qkv, gate = F.linear(x, self.w_in, self.b_in).split(sizes, dim=-1)
         return z, xBC, F.softplus(dt), qkv, torch.sigmoid(gate)
 
     def _mix(self, z: Tensor, y: Tensor, attention: Tensor, g: Tensor) -> Tensor:
