@@ -409,13 +409,17 @@ class FlexMA(nn.Module):
         z, xBC, dt = self._split(u)
         dt = F.softplus(dt + self.dt_bias)  # (B, L, H)
         y, ssm = self._scan(xBC, dt, visual, chunking)  # (B, L, H, P)
-        K = self.conv_forward.kernel_size[0]
-        last = xBC[:, max(0, xBC.shape[1] - (K - 1)):].transpose(1, 2)  # the last K-1 inputs (fewer for short prompts)
-        conv_state = F.pad(last, (K - 1 - last.shape[-1], 0))  # (B, C, K-1)
         out = self._output(y, z)
         if scan is not None:
             out = out.gather(1, scan[1][..., None].expand_as(out))  # back in the prompt's order
-        return out, FlexMACache(conv_state, ssm)
+        return out, FlexMACache(self.conv_state(xBC), ssm)
+
+    def conv_state(self, xBC: Tensor) -> Tensor:
+        """The decoding cache's conv inputs: the last K-1 of xBC (B, L, conv_dim), zeros before the
+        first token -> (B, conv_dim, K-1)."""
+        K = self.conv_forward.kernel_size[0]
+        last = xBC[:, max(0, xBC.shape[1] - (K - 1)):].transpose(1, 2)  # the last K-1 inputs (fewer for short prompts)
+        return F.pad(last, (K - 1 - last.shape[-1], 0))
 
     def step(self, u: Tensor, cache: FlexMACache) -> Tensor:
         """One new text token, O(1) in the context length: u (B, 1, D) -> (B, 1, D); the cache is updated in place."""
@@ -612,17 +616,23 @@ class LocalSwin(AttentionProjections):
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], windows: LocalWindows) -> tuple[Tensor, KVCache]:
         """Full-sequence pass: x (B, L, D) -> (B, L, D) and the text window's ring for decoding."""
-        batch, length, _ = x.shape
-        q, k, v = (t.flatten(0, 1) for t in self.qkv(x, *rope))  # (B * L, h, Dh)
+        out, ring = self.attend_windows(*self.qkv(x, *rope), windows)
+        return self.o_proj(out), ring
+
+    def attend_windows(self, q: Tensor, k: Tensor, v: Tensor, windows: LocalWindows) -> tuple[Tensor, KVCache]:
+        """The prompt's windows: q (B, L, H, Dh), k and v (B, L, Hkv, Dh) -> the attention's output
+        (B, L, H Dh), before o_proj, and the ring of the text window (speed.FusedMMATE projects its own q, k, v)."""
+        batch, length = q.shape[:2]
+        q, k, v = (t.flatten(0, 1) for t in (q, k, v))  # (B * L, h, Dh)
         slots = torch.cat([self.attend(q, k, v, w).flatten(0, 1) for w in windows.present])  # every query slot
         out = slots[windows.source]  # (B * L, H, Dh): each token's output, from the window that gives it
         # the ring: position p in slot p mod W; the last W - 1 prompt tokens are in it (slots of
         # positions before the prompt, p < 0, get any finite values: they stay masked until overwritten)
         W = self.text_window
-        last = torch.arange(length - (W - 1), length, device=x.device)  # (W - 1,)
-        ring = [x.new_zeros(batch, self.num_kv_heads, W, self.head_dim).index_copy_(
+        last = torch.arange(length - (W - 1), length, device=q.device)  # (W - 1,)
+        ring = [k.new_zeros(batch, self.num_kv_heads, W, self.head_dim).index_copy_(
             2, last % W, t.unflatten(0, (batch, length))[:, last.clamp(min=0)].transpose(1, 2)) for t in (k, v)]
-        return self.o_proj(out.unflatten(0, (batch, length)).flatten(2)), KVCache(*ring)
+        return out.unflatten(0, (batch, length)).flatten(2), KVCache(*ring)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, windows: Windows) -> Tensor:
         """One kind of window over the prompt's flat tokens -> (W, Sq, H, Dh) (window_attention)."""
@@ -630,12 +640,16 @@ class LocalSwin(AttentionProjections):
 
     def step(self, x: Tensor, rope: tuple[Tensor, Tensor], position: Tensor, cache: KVCache) -> Tensor:
         """One new text token at `position` ((1,) tensor): x (B, 1, D) attends to the ring and itself -> (B, 1, D)."""
-        q, k, v = self.qkv(x, *rope)
+        return self.o_proj(self.attend_ring(*self.qkv(x, *rope), position, cache))
+
+    def attend_ring(self, q: Tensor, k: Tensor, v: Tensor, position: Tensor, cache: KVCache) -> Tensor:
+        """One new token at `position` ((1,) tensor): its key and value k, v (B, 1, Hkv, Dh) into the ring,
+        its query q (B, 1, H, Dh) over the ring -> (B, 1, H Dh), before o_proj."""
         slot = position % self.text_window
         cache.k.index_copy_(2, slot, k.transpose(1, 2))
         cache.v.index_copy_(2, slot, v.transpose(1, 2))
-        filled = torch.arange(self.text_window, device=x.device) <= position  # all once position >= W - 1
-        return self.o_proj(cached_attention(q, cache, filled))
+        filled = torch.arange(self.text_window, device=q.device) <= position  # all once position >= W - 1
+        return cached_attention(q, cache, filled)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torchvision
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.transforms.v2 import functional as TF
 
 import bench
@@ -39,11 +40,11 @@ from speed import Tuning, tune
 ROOT = Path(__file__).parent
 
 
-def tuned(module, piece_tokens, chunk_size):
+def tuned(module, piece_tokens, chunk_size, fused=False):
     """The module with a test's speed settings: pieces of piece_tokens (None: the whole prompt, as on a GPU),
     SSD chunks of chunk_size, and blocks of 2 chunks in the scan's step 3, so that short prompts span several
-    blocks."""
-    return tune(module, Tuning(piece_tokens, Chunking(chunk_size, chunks_per_block=2)))
+    blocks; its projections fused or not."""
+    return tune(module, Tuning(piece_tokens, Chunking(chunk_size, chunks_per_block=2), fused))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -542,13 +543,14 @@ def test_prefill_calls_a_fixed_number_of_torch_operations_whatever_the_length(pi
         assert layer_long > 4 * layer_short, counts
 
 
-def test_decoder_layers_compile_whole_and_serve_every_prompt_length():
+@pytest.mark.parametrize("fused", [False, True])
+def test_decoder_layers_compile_whole_and_serve_every_prompt_length(fused):
     """fullgraph: no graph break (nothing waits on the host); dynamic: one compilation serves every
     length. The layers share their graphs, since what differs between layers is in their plans: a
     student compiles one for visual prompts read in their own order, one for visual prompts in
     another Rotary Major-Scan order and one for text-only prompts, the teacher one for all: within
     dynamo's limit of 8 recompilations, which the compile variant of bench.py (an image, videos,
-    then text) used to exceed."""
+    then text) used to exceed. The same for fused layers (CUDA's tuning)."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     no_duck_sizing = torch.fx.experimental._config.patch(use_duck_shape=False)  # as compile_model sets it
@@ -556,7 +558,7 @@ def test_decoder_layers_compile_whole_and_serve_every_prompt_length():
     teacher = smolvlm.TextModel(TextConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                            num_attention_heads=4, num_key_value_heads=2)).eval()
     for model in (student, teacher):
-        tuned(model, None, 32)
+        tuned(model, None, 32, fused)
     for model in (student, teacher):  # the graph capture is tested here; inductor's code generation by bench.py
         for layer in model.layers:
             layer.compile(fullgraph=True, dynamic=True, backend="aot_eager")
@@ -597,6 +599,62 @@ def test_with_a_cpus_pieces_compiled_layers_compile_once_per_number_of_pieces_no
                 assert torch.allclose(compiled, model(h, layout)[0], atol=1e-5)
         graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     assert graphs == [1, 1, 2, 2], graphs
+
+
+class AtenOps(TorchDispatchMode):
+    """Counts the aten operations that run, views included, and those of them that are matmuls or attention."""
+
+    MATMUL_LIKE = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = self.matmuls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.count += 1
+        self.matmuls += name in self.MATMUL_LIKE or "scaled_dot_product" in name
+        return func(*args, **(kwargs or {}))
+
+
+def layer_operations(mixer: MixerConfig | None, tuning: Tuning, frames: int = 4) -> dict:
+    """(aten operations, matmul-like ones) of layer 1 of a tiny decoder tuned so (shifted windows and a Rotary
+    Major-Scan order for a student): its prefill of a video prompt, the plan excluded, and a decoding step."""
+    torch.manual_seed(0)
+    text = TextConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2)
+    model = tune(smolvlm.TextModel(text, mixer).eval(), tuning)
+    visual, grids = video_prompt(frames)
+    h = torch.randn(1, len(visual), 32)
+    plan, position = model.plan(layout_of(visual, grids), h.dtype, new_tokens=1)[1], torch.tensor([len(visual)])
+    rope, new = model.rotary(position[None]), h[:, -1:]  # the step's RoPE as TextModel.step computes it
+    with torch.no_grad(), AtenOps() as prefill:
+        _, cache = model.layers[1](h, plan)
+    with torch.no_grad(), AtenOps() as step:
+        model.layers[1].step(new, rope, position, cache)
+    return {"prefill": (prefill.count, prefill.matmuls), "step": (step.count, step.matmuls)}
+
+
+def test_fused_layers_take_fewer_operations_for_teacher_and_student_alike():
+    """CUDA's tuning fuses both models' projections (on a GPU each aten operation is a kernel or more): every
+    layer takes fewer operations, as many whatever the prompt's length, and the student's step as many
+    matmuls and attentions as the teacher's. What remains between them is Flex-MA's own: its recurrence
+    (conv, state update, gated norm) in a step, its scan in a prefill; issue 25 asks for at most 1.3 and 3
+    times the teacher's operations, which these written in aten operations do not reach."""
+    cuda, mixer = speed.TUNING["cuda"], MixerConfig(text_window=16)
+    assert cuda.fused and cuda.piece_tokens is None
+    models = {"teacher": None, "student": mixer}
+    plain = {name: layer_operations(m, replace(cuda, fused=False)) for name, m in models.items()}
+    fused = {name: layer_operations(m, cuda) for name, m in models.items()}
+    for name in fused:
+        for kind in ("prefill", "step"):
+            assert fused[name][kind][0] < plain[name][kind][0] and fused[name][kind][1] < plain[name][kind][1], (
+                name, kind, plain, fused)
+    assert layer_operations(mixer, cuda, frames=12) == fused["student"]  # 254 tokens, 70 before
+    assert layer_operations(None, cuda, frames=12) == fused["teacher"]
+    teacher, student = fused["teacher"], fused["student"]
+    assert student["step"][1] <= teacher["step"][1] + 3, fused
+    assert student["step"][0] <= 1.7 * teacher["step"][0] and student["prefill"][0] <= 6 * teacher["prefill"][0], fused
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1019,9 +1077,10 @@ def decoding_models(tiny_hub):
     return {"teacher": teacher, "student": student}
 
 
+@pytest.mark.parametrize("fused", [False, True])  # a CPU's pieces; CUDA's fused layers
 @pytest.mark.parametrize("kind", ["teacher", "student"])
-def test_static_cache_decoding_equals_the_full_forward_for_32_steps(tiny_hub, kind):
-    model = tuned(decoding_models(tiny_hub)[kind], 2048, 16)
+def test_static_cache_decoding_equals_the_full_forward_for_32_steps(tiny_hub, kind, fused):
+    model = tuned(decoding_models(tiny_hub)[kind], None if fused else 2048, 16, fused)
     batch = image_batch(tiny_hub)
     ids, pixels, grids = batch["input_ids"], batch["pixel_values"].double(), batch["grids"]
     new = generate.generate(model, ids, pixels, grids=grids, max_new_tokens=32)
@@ -1040,6 +1099,46 @@ def test_static_cache_decoding_equals_the_full_forward_for_32_steps(tiny_hub, ki
         assert all(c.swin.k.shape[2] == c.swin.v.shape[2] == 8 for c in out.caches)
 
 
+@pytest.mark.parametrize("kind", ["teacher", "student"])
+def test_fused_layers_compute_the_plain_models_results_from_the_same_checkpoint(tiny_hub, kind, tmp_path):
+    """Tuning fused swaps classes and lets the fused weights share the parameters' storage, nothing else: the
+    prefill of an image prompt, its caches and the decoding steps after it are the plain model's; the
+    state_dict, the saved checkpoint and what loads from it are the same; tuning unfused gives the plain
+    classes back. An M-MATE layer with one branch on (distillation's stage 1, ablations) stays plain."""
+    plain = tuned(decoding_models(tiny_hub)[kind], None, 16)
+    fused = tuned(copy.deepcopy(plain), None, 16, fused=True)
+    layer = fused.model.text_model.layers[0]
+    assert type(layer.mlp) is speed.FusedMLP and type(layer.self_attn) in (speed.FusedAttention, speed.FusedMMATE)
+    batch = image_batch(tiny_hub)
+    ids, pixels, grids = batch["input_ids"], batch["pixel_values"].double(), batch["grids"]
+    with torch.no_grad():
+        want, got = (model(ids, pixels, grids=grids, new_tokens=8) for model in (plain, fused))
+        assert torch.allclose(got.logits, want.logits, rtol=0, atol=1e-12)
+        assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(flat_tensors(got.caches),
+                                                                             flat_tensors(want.caches)))
+        token, position = want.logits[:, -1].argmax(-1), torch.tensor([ids.shape[1]])
+        for _ in range(8):
+            logits = plain.step(token, position, want.caches)
+            assert torch.allclose(fused.step(token, position, got.caches), logits, rtol=0, atol=1e-12)
+            token, position = logits.argmax(-1), position + 1
+    state, plain_state = fused.state_dict(), plain.state_dict()
+    assert list(state) == list(plain_state) and all(torch.equal(state[k], plain_state[k]) for k in state)
+    for name, model in (("plain", plain), ("fused", fused)):
+        save_model(model, tmp_path / name)
+    saved, plain_saved = (load_file(tmp_path / name / "model.safetensors") for name in ("fused", "plain"))
+    assert list(saved) == list(plain_saved) and all(torch.equal(saved[k], plain_saved[k]) for k in saved)
+    assert (tmp_path / "fused" / "config.json").read_text() == (tmp_path / "plain" / "config.json").read_text()
+    loaded = tuned(load_model(tmp_path / "fused", dtype=torch.float64), None, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, pixels, grids=grids).logits, plain(ids, pixels, grids=grids).logits)
+        tuned(fused, None, 16)
+        assert not any(type(m) in speed.FUSED.values() or m._non_persistent_buffers_set for m in fused.modules())
+        assert torch.allclose(fused(ids, pixels, grids=grids).logits, want.logits, rtol=0, atol=1e-12)
+    if kind == "student":
+        layer.self_attn.branches = "flex"
+        assert type(tuned(fused, None, 16, fused=True).model.text_model.layers[0].self_attn) is MMATE
+
+
 def flat_tensors(caches) -> list:
     """Every tensor of a list of (nested) cache dataclasses."""
     from dataclasses import fields
@@ -1051,15 +1150,16 @@ def flat_tensors(caches) -> list:
     return found
 
 
-def test_decoding_steps_compile_once_for_every_step_and_context_and_layers_share_them(tiny_hub):
+@pytest.mark.parametrize("fused", [False, True])
+def test_decoding_steps_compile_once_for_every_step_and_context_and_layers_share_them(tiny_hub, fused):
     """compile_model: a decoder layer's step has fixed shapes and no host synchronisation, so it
     compiles whole, one graph serves all of a model's layers, and neither the next position nor a
-    longer context (a larger teacher cache) compiles it again."""
+    longer context (a larger teacher cache) compiles it again; fused layers (CUDA's tuning) too."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     with torch.fx.experimental._config.patch(use_duck_shape=True):  # undoes compile_model's setting afterwards
         for model in decoding_models(tiny_hub).values():
-            tuned(model, None, 16)  # whole prompts, as on a GPU: one prefill graph, whatever the length
+            tuned(model, None, 16, fused)  # whole prompts, as on a GPU: one prefill graph, whatever the length
             eager = copy.deepcopy(model)
             speed.compile_model(model, backend="aot_eager")
             compiled = False  # the first call compiles; any further compile is an error
