@@ -32,9 +32,10 @@ import processing as P
 import smolvlm
 import speed
 import toy
+from conftest import TINY_TEXT, oracle, tiny_text_config, tiny_text_dict
 from linmu import (MMATE, Chunking, FlexMA, KVCache, LocalSwin, LoRALinear, MixerConfig, PromptPlan, TokenLayout,
                    add_lora, merge_lora, ssd_scan, trainable_parameters)
-from smolvlm import VLM, TextConfig, VisionConfig, VLMConfig, load_model, resolve_checkpoint, save_model
+from smolvlm import VLM, VisionConfig, VLMConfig, load_model, resolve_checkpoint, save_model
 from speed import Tuning, tune
 
 ROOT = Path(__file__).parent
@@ -500,9 +501,7 @@ def count_calls(fn) -> int:
 
 def tiny_student_text_model(layers=2):
     torch.manual_seed(0)
-    text = TextConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                      num_key_value_heads=2)
-    return smolvlm.TextModel(text, MixerConfig(text_window=16))
+    return smolvlm.TextModel(tiny_text_config(num_hidden_layers=layers), MixerConfig(text_window=16))
 
 
 def test_a_cpus_pieces_give_the_plain_models_result_with_the_same_parameters():
@@ -555,8 +554,7 @@ def test_decoder_layers_compile_whole_and_serve_every_prompt_length(fused):
     torch._dynamo.utils.counters.clear()
     no_duck_sizing = torch.fx.experimental._config.patch(use_duck_shape=False)  # as compile_model sets it
     student = tiny_student_text_model(layers=len(linmu.MAJOR_ORDERS) + 1).eval()  # the last repeats the first's pattern
-    teacher = smolvlm.TextModel(TextConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                           num_attention_heads=4, num_key_value_heads=2)).eval()
+    teacher = smolvlm.TextModel(tiny_text_config()).eval()
     for model in (student, teacher):
         tuned(model, None, 32, fused)
     for model in (student, teacher):  # the graph capture is tested here; inductor's code generation by bench.py
@@ -621,9 +619,7 @@ def layer_operations(mixer: MixerConfig | None, tuning: Tuning, frames: int = 4)
     """(aten operations, matmul-like ones) of layer 1 of a tiny decoder tuned so (shifted windows and a Rotary
     Major-Scan order for a student): its prefill of a video prompt, the plan excluded, and a decoding step."""
     torch.manual_seed(0)
-    text = TextConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2)
-    model = tune(smolvlm.TextModel(text, mixer).eval(), tuning)
+    model = tune(smolvlm.TextModel(tiny_text_config(num_hidden_layers=2), mixer).eval(), tuning)
     visual, grids = video_prompt(frames)
     h = torch.randn(1, len(visual), 32)
     plan, position = model.plan(layout_of(visual, grids), h.dtype, new_tokens=1)[1], torch.tensor([len(visual)])
@@ -728,13 +724,12 @@ IMG = 99  # the tiny models' image token id
 
 def hf_tiny(image_size=64, patch_size=8, scale_factor=2, tie=False, seed=0):
     """A tiny random transformers SmolVLM (the oracle), with weights large enough that mistakes show."""
-    transformers = pytest.importorskip("transformers", reason="transformers is the test oracle for the teacher")
+    transformers = oracle("transformers", reason="transformers is the test oracle for the teacher")
     config = transformers.SmolVLMConfig(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                            image_size=image_size, patch_size=patch_size),
-        text_config=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=100, rope_theta=5000.0,
-                         rms_norm_eps=1e-5, tie_word_embeddings=tie),
+        text_config=tiny_text_dict(vocab_size=100, num_hidden_layers=2, rope_theta=5000.0, rms_norm_eps=1e-5,
+                                   tie_word_embeddings=tie),
         scale_factor=scale_factor, image_token_id=IMG, tie_word_embeddings=tie)
     torch.manual_seed(seed)
     model = transformers.SmolVLMForConditionalGeneration(config).eval()
@@ -799,7 +794,7 @@ def test_padding_image_is_dropped(tiny):
     ids = torch.stack([prompt(2, 16, seed=2), torch.cat([prompt(1, 16, seed=3), torch.randint(0, 90, (19,))])])
     pixels = torch.randn(2, 2, 3, 64, 64)
     pixels[1, 1] = 0  # sample 1 has one image; its second slot is batch padding
-    assert ours.encode_images(pixels).shape == (3, 16, 64)
+    assert ours.encode_images(pixels).shape == (3, 16, TINY_TEXT["hidden_size"])
     want, got = both_logits(hf, ours, ids, pixels)
     assert (want - got).abs().max() < 1e-4
 
@@ -827,7 +822,7 @@ def test_padded_image_position_ids_match_transformers(tmp_path):
 
 
 def test_tied_lm_head_loads_and_saves_once(tmp_path):
-    transformers = pytest.importorskip("transformers", reason="transformers is the test oracle for the teacher")
+    transformers = oracle("transformers", reason="transformers is the test oracle for the teacher")
     hf = hf_tiny(tie=True)
     hf.save_pretrained(tmp_path / "hf")
     assert "lm_head.weight" not in load_file(tmp_path / "hf" / "model.safetensors")
@@ -845,7 +840,7 @@ def test_tied_lm_head_loads_and_saves_once(tmp_path):
 
 
 def test_untied_lm_head_round_trips_through_transformers(tiny, tmp_path):
-    transformers = pytest.importorskip("transformers", reason="transformers is the test oracle for the teacher")
+    transformers = oracle("transformers", reason="transformers is the test oracle for the teacher")
     hf, ours, _ = tiny
     assert not torch.equal(ours.lm_head.weight, ours.model.text_model.embed_tokens.weight)
     save_model(ours, tmp_path)
@@ -868,8 +863,7 @@ def test_sharded_checkpoint_loads(tiny, tmp_path):
 def small_config(**text) -> VLMConfig:
     return VLMConfig(vision=VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, image_size=32, patch_size=8),
-                     text=TextConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                     num_attention_heads=4, num_key_value_heads=2, **text),
+                     text=tiny_text_config(**text),
                      scale_factor=2, image_token_id=49)
 
 
@@ -951,7 +945,7 @@ def test_config_parses_transformers_4_and_5_forms():
 
 
 def test_config_defaults_agree_with_transformers():
-    transformers = pytest.importorskip("transformers", reason="transformers is the test oracle for the teacher")
+    transformers = oracle("transformers", reason="transformers is the test oracle for the teacher")
     hf = transformers.SmolVLMConfig.from_dict(HF4)
     ours = VLMConfig.from_hf_dict(hf.to_dict())
     assert ours == VLMConfig.from_hf_dict(HF4)
@@ -1015,8 +1009,7 @@ def write_tiny_checkpoint(directory, layers=2, seed=0):
     config = VLMConfig(
         vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                             image_size=64, patch_size=8),
-        text=TextConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=64,
-                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5),
+        text=tiny_text_config(vocab_size=tokenizer.get_vocab_size(), num_hidden_layers=layers, rms_norm_eps=1e-5),
         scale_factor=2, image_token_id=tokenizer.token_to_id("<image>"))
     torch.manual_seed(seed)
     model = VLM(config)
@@ -1072,8 +1065,9 @@ def decoding_models(tiny_hub):
     the comparisons below are of logic, not of rounding."""
     teacher = load_model(tiny_hub, dtype=torch.float64)
     student = smolvlm.convert_to_linmu(teacher, MixerConfig(text_window=8))
+    seeded = torch.Generator().manual_seed(0)  # the same student whichever tests ran before
     for layer in student.model.text_model.layers:
-        torch.nn.init.normal_(layer.self_attn.gate.weight)  # make the per-token gate matter
+        torch.nn.init.normal_(layer.self_attn.gate.weight, generator=seeded)  # make the per-token gate matter
     return {"teacher": teacher, "student": student}
 
 
@@ -1255,8 +1249,8 @@ def processor(checkpoint):
 @pytest.fixture(scope="module")
 def reference(checkpoint):
     """transformers' SmolVLMProcessor (test-only oracle) and the chat template it uses for SmolVLM2."""
-    pytest.importorskip("num2words")  # SmolVLMProcessor refuses to start without it
-    transformers = pytest.importorskip("transformers")
+    oracle("num2words")  # SmolVLMProcessor refuses to start without it
+    transformers = oracle("transformers")
     from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
     return transformers.AutoProcessor.from_pretrained(checkpoint), DEFAULT_CHAT_TEMPLATE
 
@@ -1358,7 +1352,7 @@ def test_frame_sampling_matches_transformers(reference):
 
 
 def test_number_to_words_matches_num2words():
-    num2words = pytest.importorskip("num2words").num2words
+    num2words = oracle("num2words").num2words
     for n in list(range(1200)) + [1999, 2024, 10001, 100100, 123456, 1000001, 1050000, 987654321]:
         assert P.number_to_words(n) == num2words(n)
 
@@ -1629,8 +1623,7 @@ BENCH_TINY = {
     "model_type": "smolvlm", "image_token_id": 99, "scale_factor": 2,
     "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
                       "image_size": 32, "patch_size": 8},  # 4 x 4 patches, pixel-shuffled to 2 x 2 = 4 tokens a frame
-    "text_config": {"model_type": "llama", "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
-                    "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8},
+    "text_config": tiny_text_dict(vocab_size=100, num_hidden_layers=3, head_dim=8),
 }
 BENCH_SMALLEST = ["--frames", "2,3", "--lengths", "160,200", "--mixer-lengths", "8,20", "--tiles", "2x2",
                   "--vision-frames", "2", "--layers", "2", "--new-tokens", "2", "--batch", "2", "--warmup", "1",
@@ -2011,7 +2004,8 @@ def test_every_command_run_as_a_program_gives_one_error_line_for_bad_input(mista
         args = [flag.format(out=tmp_path / f"out{i}", **mistakes) for flag in flags]
         runs.append((command, message, subprocess.Popen([sys.executable, str(ROOT / command), *args], cwd=tmp_path,
                                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                                        env={**os.environ, "HF_HUB_OFFLINE": "1"})))
+                                                        env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                                             "OMP_NUM_THREADS": "1"})))
     for command, message, run in runs:
         out, err = run.communicate(timeout=300)
         assert run.returncode == 2, (command, err)
