@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -184,13 +185,24 @@ def test_ssd_scan_carries_the_state_exactly_within_and_across_blocks_of_chunks(p
     assert (final - ref_final).abs().max() <= 1e-10 * ref_final.abs().max()
 
 
-def test_ssd_scan_of_a_million_bf16_tokens_stays_finite():
+def test_ssd_scan_of_a_million_bf16_tokens_stays_finite_and_ends_as_float64_does():
+    """Over 2^20 tokens (16,384 chunks, 2,048 blocks of them) the bf16 scan stays finite, and its last
+    16 chunks are the float64 scan of them from the float64 state the 2^20 - 1,024 tokens before
+    them leave (from a zero state instead they would not)."""
     g = torch.Generator().manual_seed(0)
-    length = 1 << 20
+    length, tail = 1 << 20, 1024
     x, B, C = (torch.randn(1, length, 1, 4, generator=g).bfloat16() for _ in range(3))
     dt = torch.rand(1, length, 1, generator=g).bfloat16()
-    y, final = ssd_scan(x, dt, torch.tensor([-0.01]), B, C, 64, 8)
-    assert torch.isfinite(y).all() and torch.isfinite(final).all() and y.abs().max() > 0
+    A = torch.tensor([-0.01])
+    y, final = ssd_scan(x, dt, A, B, C, 64, 8)
+    assert torch.isfinite(y).all() and torch.isfinite(final).all()
+    head, end = slice(0, length - tail), slice(length - tail, length)
+    _, state = ssd_scan(x[:, head].double(), dt[:, head].double(), A.double(), B[:, head].double(),
+                        C[:, head].double(), 64, 8)
+    ref, ref_final = ssd_scan(x[:, end].double(), dt[:, end].double(), A.double(), B[:, end].double(),
+                              C[:, end].double(), 64, 8, state)
+    assert (y[:, end].double() - ref).abs().max() <= 2e-2 * ref.abs().max()
+    assert (final.double() - ref_final).abs().max() <= 2e-2 * ref_final.abs().max()
 
 
 def test_ssd_scan_bf16_accumulates_in_float32():
@@ -285,22 +297,26 @@ def test_flex_ma_matches_its_definition(piece):
 
 @pytest.mark.parametrize("rotary", [False, True])
 def test_flex_ma_text_is_causal_and_visual_is_bidirectional(rotary):
+    """A change to one token reaches every position after it (the forward scan carries it); a text token's
+    reaches no earlier position, a visual token's every earlier visual token (the backward scan) and no
+    earlier text token. The same when the Rotary Major-Scan reads each grid in another order."""
     flex = tiny_flex()
     u = torch.randn(1, VISUAL.shape[1], 12, dtype=torch.float64)
     grids = [(1, 1, 3), (2, 2, 1), (1, 1, 1)]  # VISUAL's runs of 3, 4 and 1 visual tokens
     scan = linmu.major_order(TokenLayout.build(VISUAL.long(), 1, [grids]), (3, 2, 1)) if rotary else None
+    assert rotary == (scan is not None and not torch.equal(scan[0], torch.arange(VISUAL.shape[1])[None]))
     base, _ = flex(u, VISUAL, scan, SMALL)
     for changed in range(VISUAL.shape[1]):
         v = u.clone()
         v[:, changed] += 1.0
         out, _ = flex(v, VISUAL, scan, SMALL)
         moved = (out - base).abs().amax(-1)[0] > 1e-9
-        if not VISUAL[0, changed]:  # a text token influences no earlier position
-            assert not moved[:changed].any(), changed
-        elif not rotary:  # a visual token reaches every earlier visual token, and no earlier text token
+        assert moved[changed:].all(), changed
+        if VISUAL[0, changed]:
             assert moved[:changed][VISUAL[0, :changed]].all(), changed
             assert not moved[:changed][~VISUAL[0, :changed]].any(), changed
-        assert moved[changed:].any()
+        else:
+            assert not moved[:changed].any(), changed
 
 
 def test_rotary_major_scan_lays_each_grid_out_in_its_major_order():
@@ -1549,6 +1565,8 @@ def test_resume_continues_with_the_identical_next_loss(pair, tmp_path):
 
 
 def test_divergence_stops_with_the_last_checkpoint_intact(pair, tmp_path):
+    """A NaN loss at step 2 stops the stage with its checkpoint of step 2 intact: the weights two good
+    steps leave, as a run stopped before step 2 has them (not the initial ones, not NaN)."""
     import distill
 
     teacher, batches = pair
@@ -1560,10 +1578,24 @@ def test_divergence_stops_with_the_last_checkpoint_intact(pair, tmp_path):
             batch = {**batch, "pixel_values": batch["pixel_values"] * float("nan")}
         return batch
 
+    def stopped(i):
+        if i == 2:
+            raise KeyboardInterrupt
+        return batches(i)
+
     with pytest.raises(distill.DivergenceError, match="loss is nan at step 2.*lower --lr.*is intact"):
         distill.train_stage(fresh_student(teacher), teacher, poisoned, [], cfg, out_dir=tmp_path / "stage1")
-    assert torch.load(tmp_path / "stage1" / "trainer.pt", weights_only=False)["step"] == 2
-    assert load_model(tmp_path / "stage1").config.linmu is not None
+    reference = fresh_student(teacher)  # the same two good steps, then stopped
+    with pytest.raises(KeyboardInterrupt):
+        distill.train_stage(reference, teacher, stopped, [], cfg)
+    trainer = torch.load(tmp_path / "stage1" / "trainer.pt", weights_only=False)
+    saved, want, initial = (model.state_dict()
+                            for model in (load_model(tmp_path / "stage1"), reference, fresh_student(teacher)))
+    assert trainer["step"] == 2 and saved.keys() == want.keys()
+    assert all(torch.equal(saved[k], want[k]) for k in want)
+    assert trainer["trained"].keys() == distill.trainable_parameters(reference).keys()
+    assert all(torch.equal(v, want[k]) for k, v in trainer["trained"].items())
+    assert not all(torch.equal(v, initial[k]) for k, v in trainer["trained"].items())  # two steps trained them
 
 
 def test_token_kl_is_a_per_token_mean_that_ignores_padding():
@@ -1896,7 +1928,7 @@ def mistakes(tmp_path_factory, tiny_hub):
 
 TORCHCODEC = importlib.util.find_spec("torchcodec") is not None
 STAGE = ["--stage", "1", "--student", "{student}", "--teacher", "{teacher}", "--out", "{out}"]
-BENCH_OUT = ["--threads", "1", "--json", "{out}/bench.json", "--plot", "{out}/bench.png"]
+BENCH_OUT = ["--threads", "1", "--json", "{out}.json", "--plot", "{out}.png"]
 MISTAKES = [  # (command, flags, what the error line says); {name} is a path of `mistakes`, {out} a fresh one
     pytest.param("generate.py", ["--model", "{missing}"], "does not exist", id="generate-missing-checkpoint"),
     pytest.param("generate.py", ["--model", "{teacher}", "--image", "{missing}"], "image file not found",
@@ -1965,22 +1997,26 @@ MISTAKES = [  # (command, flags, what the error line says); {name} is a path of 
 
 @pytest.mark.parametrize("command, flags, message", MISTAKES)
 def test_every_input_mistake_gives_one_error_line_and_writes_nothing(command, flags, message, mistakes, tmp_path,
-                                                                     capsys):
+                                                                     monkeypatch, capsys):
     """Each command, run on each mistake, ends with exit status 2 and exactly one line on stderr,
     `command: error: ...` (no traceback, and no progress bar: the inputs are checked before any weights
-    load), and leaves no output behind."""
+    load), and leaves no output behind: it runs in an empty folder, every output path it is given (--out,
+    bench.py's --json and --plot) and its temporary folders (--smoke's) in that folder, which stays
+    empty; generate.py, whose output is the answer, prints none."""
     import convert
     import distill
 
-    main = {"generate.py": generate.main, "convert.py": convert.main, "distill.py": distill.main, "bench.py": bench.main}
-    out = tmp_path / "out"
+    main = {"generate.py": generate.main, "convert.py": convert.main, "distill.py": distill.main,
+            "bench.py": bench.main}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     with pytest.raises(SystemExit) as exit_info:
-        main[command]([flag.format(out=out, **mistakes) for flag in flags])
-    err = capsys.readouterr().err
+        main[command]([flag.format(out=tmp_path / "out", **mistakes) for flag in flags])
+    printed, err = capsys.readouterr()
     assert exit_info.value.code == 2
     assert err.startswith(f"{command}: error: ") and err.count("\n") == 1 and err.endswith("\n"), err
     assert message in err
-    assert not out.exists()
+    assert not list(tmp_path.iterdir()) and not printed
 
 
 AS_A_USER_RUNS_THEM = [  # (command, flags, what the error line says): each script run as its own program
@@ -2011,6 +2047,7 @@ def test_every_command_run_as_a_program_gives_one_error_line_for_bad_input(mista
         assert run.returncode == 2, (command, err)
         assert err.startswith(f"{command}: error: ") and err.count("\n") == 1 and message in err, (command, err)
         assert "Traceback" not in err + out
+    assert not list(tmp_path.iterdir())  # the folder they ran in, and were told to write to, stays empty
 
 
 def test_a_programming_error_inside_the_library_keeps_its_traceback(tiny_hub, monkeypatch):
