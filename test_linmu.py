@@ -1542,26 +1542,116 @@ def test_distillation_loss_falls(pair):
     assert result["top1"] > distill.evaluate(fresh_student(teacher), teacher, [batches(1)])["top1"]
 
 
-def test_resume_continues_with_the_identical_next_loss(pair, tmp_path):
+@pytest.fixture(scope="module")
+def jsonl_samples(tmp_path_factory, tiny_hub):
+    """What `python distill.py` is given: the tiny teacher, its converted student and a JSONL file of 3
+    samples (small images, a question, an answer). With --eval-samples 1 and --batch-size 2 every
+    training batch holds the same 2 samples."""
+    root = tmp_path_factory.mktemp("jsonl")
+    student = save_model(smolvlm.convert_to_linmu(load_model(tiny_hub)), root / "student", source=tiny_hub)
+    lines = []
+    for k in range(3):
+        TF.to_pil_image(random_image(30 + 10 * k, 40, k)).save(root / f"{k}.png")
+        lines.append({"image": f"{k}.png", "prompt": f"Question {k}?", "response": "An answer."})
+    (root / "data.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    return {"teacher": tiny_hub, "student": student, "data": root / "data.jsonl"}
+
+
+def distill_command(samples, out, *flags) -> dict:
+    """`python distill.py` on jsonl_samples, writing OUT/stageN, eager, evaluating only at the end: its result."""
+    import distill
+
+    flags = ("--teacher", samples["teacher"], "--data", samples["data"], "--out", out, "--eval-samples", 1,
+             "--batch-size", 2, "--eval-every", 0, "--no-compile", *flags)
+    return distill.main([str(flag) for flag in flags])
+
+
+def test_resume_continues_with_the_identical_next_loss(jsonl_samples, tmp_path, monkeypatch):
+    """`distill.py --resume` after a stage was interrupted in step 3 of 4 (its checkpoint of step 2 on disk,
+    step 2's update lost) continues it exactly: the losses of steps 2 and 3 are the uninterrupted run's,
+    bitwise (the same parameters, optimizer, schedule, random state and batches), and so is the checkpoint
+    it ends with, LoRA merged into a loadable model (stage 3)."""
+    import distill
+
+    flags = ["--stage", "3", "--student", jsonl_samples["student"], "--steps", 4, "--warmup", 2, "--save-every", 2]
+    uninterrupted = distill_command(jsonl_samples, tmp_path / "whole", *flags)["losses"]
+    batch_at = distill.SampleBatches.__call__
+
+    def interrupted(batches, index):
+        if batches.shuffle and index == 3:  # the training batches, not the held-out ones
+            raise KeyboardInterrupt
+        return batch_at(batches, index)
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(distill.SampleBatches, "__call__", interrupted)
+        distill_command(jsonl_samples, tmp_path / "parts", *flags)
+    assert torch.load(tmp_path / "parts" / "stage3" / "trainer.pt", weights_only=False)["step"] == 2
+    resumed = distill_command(jsonl_samples, tmp_path / "parts", *flags, "--resume")["losses"]
+    assert len(uninterrupted) == 4 and resumed == uninterrupted[2:]
+    whole, parts = (load_file(tmp_path / run / "stage3" / "model.safetensors") for run in ("whole", "parts"))
+    assert whole.keys() == parts.keys() and all(torch.equal(whole[k], parts[k]) for k in whole)
+    assert not any(isinstance(m, LoRALinear) for m in load_model(tmp_path / "parts" / "stage3").modules())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_as_without(pair, jsonl_samples, tmp_path, monkeypatch):
+    """Gradient checkpointing recomputes each decoder layer in the backward pass (a third run of it, after
+    the student's own pass and the layer-local targets' pass) and changes nothing else: the same gradients,
+    bitwise; and from the command line, `--grad-checkpointing` checkpoints every layer of every step and
+    trains the same stage-2 checkpoint as without, bit for bit."""
     import distill
 
     teacher, batches = pair
-    cfg = distill.DistillConfig(stage=3, steps=6, warmup=2, eval_every=0, save_every=2)
-    uninterrupted = distill.train_stage(fresh_student(teacher), teacher, batches, [], cfg)["losses"]
+    batch, runs, grads = batches(0), [], []
+    for checkpointing in (False, True):
+        student = fresh_student(teacher)
+        cfg = distill.DistillConfig(stage=2, grad_checkpointing=checkpointing)
+        params = distill.prepare_stage(student, cfg)
+        student.train()
+        calls = []
+        for layer in student.model.text_model.layers:
+            layer.register_forward_pre_hook(lambda *_: calls.append(1))
+        loss, _ = distill.distill_loss(student, teacher, batch, cfg)
+        loss.backward()
+        runs.append(len(calls))
+        grads.append({name: p.grad for name, p in params.items()})
+    layers = len(student.model.text_model.layers)
+    assert runs == [2 * layers, 3 * layers]
+    assert all(torch.equal(grads[0][name], grads[1][name]) for name in grads[0])
 
-    def interrupted(i):
-        if i == 4:
-            raise KeyboardInterrupt
-        return batches(i)
+    checkpoints, checkpoint = [], torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *args, **kwargs: (
+        checkpoints.append(1), checkpoint(*args, **kwargs))[1])
+    for run, flags in (("plain", []), ("checkpointed", ["--grad-checkpointing"])):
+        distill_command(jsonl_samples, tmp_path / run, "--stage", 2, "--student", jsonl_samples["student"],
+                        "--steps", 2, "--warmup", 1, *flags)
+        assert len(checkpoints) == (2 * layers if flags else 0)
+    plain, checkpointed = (load_file(tmp_path / run / "stage2" / "model.safetensors")
+                           for run in ("plain", "checkpointed"))
+    start = load_file(jsonl_samples["student"] / "model.safetensors")
+    assert plain.keys() == checkpointed.keys() and all(torch.equal(plain[k], checkpointed[k]) for k in plain)
+    assert not all(torch.equal(plain[k], start[k]) for k in plain)  # two steps trained it
 
-    with pytest.raises(KeyboardInterrupt):
-        distill.train_stage(fresh_student(teacher), teacher, interrupted, [], cfg, out_dir=tmp_path / "stage3")
-    assert torch.load(tmp_path / "stage3" / "trainer.pt", weights_only=False)["step"] == 4
-    resumed = distill.train_stage(fresh_student(teacher), teacher, batches, [], cfg, out_dir=tmp_path / "stage3",
-                                  resume=True)["losses"]
-    assert resumed == uninterrupted[4:]  # bitwise: same parameters, optimizer, schedule and batches
-    merged = load_model(tmp_path / "stage3")  # stage 3 saves LoRA merged into a loadable model
-    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+
+def test_stream_hidden_target_trains_and_its_loss_falls(jsonl_samples, tmp_path):
+    """`--hidden-target stream`: each layer's hidden-state loss is on the student's own residual stream, as
+    at inference. From the command line, its first loss is that target's loss on the first batch (not the
+    layer-local target's), and 10 steps on the same 2 samples more than halve it."""
+    import distill
+
+    losses = distill_command(jsonl_samples, tmp_path, "--stage", 1, "--student", jsonl_samples["student"],
+                             "--hidden-target", "stream", "--steps", 10, "--warmup", 2, "--lr", 1e-2)["losses"]
+    assert len(losses) == 10 and losses[-1] < 0.5 * losses[0], losses
+    samples = distill.read_jsonl(jsonl_samples["data"])[1:]  # after the held-out sample
+    batch = distill.SampleBatches(samples, P.Processor.from_pretrained(jsonl_samples["student"]), 2, 0, "cpu")(0)
+    teacher = load_model(jsonl_samples["teacher"]).requires_grad_(False)
+    first = {}
+    for target in ("stream", "layer"):
+        cfg = distill.DistillConfig(stage=1, hidden_target=target)
+        student = load_model(jsonl_samples["student"])
+        distill.prepare_stage(student, cfg)
+        first[target] = distill.distill_loss(student, teacher, batch, cfg)[0].item()
+    assert losses[0] == pytest.approx(first["stream"], rel=1e-5)
+    assert abs(first["layer"] - first["stream"]) > 0.05 * first["stream"], first
 
 
 def test_divergence_stops_with_the_last_checkpoint_intact(pair, tmp_path):
@@ -1628,23 +1718,45 @@ def test_compiled_and_eager_losses_agree(pair):
 def test_distill_command_line_names_the_missing_step(tmp_path, capsys):
     import distill
 
-    for argv, message in ([["--stage", "1", "--student", str(tmp_path / "missing")], "create it with `python convert.py`"],
+    for argv, message in ([["--stage", "1", "--student", str(tmp_path / "missing")],
+                           "create it with `python convert.py`"],
                           [["--stage", "2", "--out", str(tmp_path)], "create it with `python distill.py --stage 1"]):
         with pytest.raises(SystemExit) as exit_info:
             distill.main(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_distill_command_line_runs_a_stage_from_jsonl(tiny_hub, tmp_path):
+def test_three_stages_from_the_command_line_end_in_the_merged_student(jsonl_samples, tmp_path, monkeypatch):
+    """Stages 1, 2 and 3 as a user runs them, from a JSONL file, each stage after the first starting from
+    OUT/stage{N-1}: stage 1 changes Flex-MA alone, stage 2 the mixers and their gates, stage 3 merges its
+    adapters into the MLPs and the connector and leaves the mixers; the stage-3 checkpoint loaded back
+    gives the logits of the merged student stage 3 ended with in memory, bitwise."""
     import distill
 
-    student = save_model(smolvlm.convert_to_linmu(load_model(tiny_hub)), tmp_path / "student", source=tiny_hub)
-    TF.to_pil_image(random_image(30, 40, 1)).save(tmp_path / "a.png")
-    lines = [{"image": "a.png", "prompt": f"Question {i}?", "response": "An answer."} for i in range(4)]
-    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
-    distill.main(["--stage", "1", "--student", str(student), "--teacher", str(tiny_hub), "--out", str(tmp_path / "out"),
-                  "--data", str(tmp_path / "data.jsonl"), "--eval-samples", "1", "--steps", "2", "--no-compile"])
-    assert load_model(tmp_path / "out" / "stage1").config.linmu is not None
+    students, train_stage = [], distill.train_stage
+    monkeypatch.setattr(distill, "train_stage", lambda student, *args, **kwargs: (
+        students.append(student), train_stage(student, *args, **kwargs))[1])
+    out = tmp_path / "out"
+    for stage in (1, 2, 3):
+        start = ["--student", jsonl_samples["student"]] if stage == 1 else []  # then distill.py's default
+        distill_command(jsonl_samples, out, "--stage", stage, *start, "--steps", 2, "--warmup", 1)
+    weights = [load_file(path / "model.safetensors") for path in [jsonl_samples["student"]] +
+               [out / f"stage{stage}" for stage in (1, 2, 3)]]
+    changed = [{k for k in after if not torch.equal(before[k], after[k])}
+               for before, after in zip(weights, weights[1:])]
+    assert all(after.keys() == weights[0].keys() for after in weights[1:])
+    assert changed[0] and all(".self_attn.flex." in k for k in changed[0])
+    assert all(re.search(r"\.self_attn\.(flex|swin|gate)\.", k) for k in changed[1])
+    assert {re.search(r"\.self_attn\.(flex|swin|gate)\.", k)[1] for k in changed[1]} == {"flex", "swin", "gate"}
+    assert {k.split(".")[-2] for k in changed[2]} == {"gate_proj", "up_proj", "down_proj", "proj"}
+    assert all(k.endswith(".weight") for k in changed[2])
+    merged = tune(load_model(out / "stage3"), speed.TUNING["cpu"])
+    assert not any(isinstance(m, LoRALinear) for m in students[-1].modules())
+    batch = image_batch(jsonl_samples["student"])
+    with torch.no_grad():
+        got, want = (model(batch["input_ids"], batch["pixel_values"], grids=batch["grids"]).logits
+                     for model in (merged, students[-1]))
+    assert torch.equal(got, want)
 
 
 # ----------------------------------------------------------------------------------------------
