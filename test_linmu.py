@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -1047,20 +1047,68 @@ def image_batch(checkpoint, prompt="Describe.", seed=0, size=(50, 90)):
                      images=[random_image(*size, seed)])
 
 
-def test_convert_writes_a_student_that_loads_back_exactly(tiny_hub, tmp_path):
+@pytest.mark.parametrize("flags, mixer", [
+    (["--text-window", "16"], MixerConfig(text_window=16)),
+    (["--text-window", "16", "--no-rotary-scan", "--branches", "flex"],
+     MixerConfig(text_window=16, rotary_scan=False, branches="flex")),
+], ids=["defaults", "no-rotary-scan-flex"])
+def test_convert_writes_a_student_that_loads_back_exactly(tiny_hub, tmp_path, flags, mixer):
+    """convert.py's mixer flags reach the checkpoint's config and the model loaded from it: its logits
+    are those of the teacher converted in memory with the same settings, and not those of the default
+    settings where the flags change them (layer 1's Rotary Major-Scan order, the branches)."""
     import convert
 
-    convert.main(["--model", str(tiny_hub), "--out", str(tmp_path / "student"), "--text-window", "16"])
+    convert.main(["--model", str(tiny_hub), "--out", str(tmp_path / "student"), *flags])
+    assert json.loads((tmp_path / "student" / "config.json").read_text())["linmu"] == asdict(mixer)
     student = load_model(tmp_path / "student")
-    expected = smolvlm.convert_to_linmu(load_model(tiny_hub), MixerConfig(text_window=16))
-    assert student.config.linmu == MixerConfig(text_window=16)
-    assert all(isinstance(layer.self_attn, MMATE) for layer in student.model.text_model.layers)
+    teacher = load_model(tiny_hub)
+    assert student.config.linmu == mixer
+    assert all(isinstance(layer.self_attn, MMATE) and layer.self_attn.branches == mixer.branches
+               for layer in student.model.text_model.layers)
     assert (tmp_path / "student" / "tokenizer.json").is_file()
     batch = image_batch(tmp_path / "student")
+    logits = lambda model: model(batch["input_ids"], batch["pixel_values"], grids=batch["grids"]).logits
     with torch.no_grad():
-        got = student(batch["input_ids"], batch["pixel_values"], grids=batch["grids"]).logits
-        want = expected(batch["input_ids"], batch["pixel_values"], grids=batch["grids"]).logits
-    assert torch.equal(got, want)
+        got = logits(student)
+        assert torch.equal(got, logits(smolvlm.convert_to_linmu(teacher, mixer)))
+        for field, default in (("rotary_scan", True), ("branches", "both")):
+            if getattr(mixer, field) != default:
+                default_student = smolvlm.convert_to_linmu(teacher, replace(mixer, **{field: default}))
+                assert not torch.allclose(got, logits(default_student), atol=1e-4), field
+
+
+def test_a_bfloat16_student_runs_forward_and_decoding_and_keeps_its_dtype_through_save_and_load(tiny_hub, tmp_path):
+    """convert.py --dtype bfloat16 writes a bf16 student; loaded in bf16 its prefill and 15 decoding steps
+    give bf16 logits within bf16's rounding (6% of the largest logit over two layers) of the float64 model
+    of the same weights, its Flex-MA state stays float32; saved and loaded again, it is the same, bit for bit."""
+    import convert
+
+    convert.main(["--model", str(tiny_hub), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16",
+                  "--text-window", "8"])
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and config["linmu"]["text_window"] == 8
+    assert {t.dtype for t in load_file(tmp_path / "bf16" / "model.safetensors").values()} == {torch.bfloat16}
+    student = tuned(load_model(tmp_path / "bf16", dtype=torch.bfloat16), 2048, 16)
+    reference = tuned(load_model(tmp_path / "bf16", dtype=torch.float64), 2048, 16)  # the same weights, exactly
+    batch = image_batch(tiny_hub)
+    ids, pixels, grids = batch["input_ids"], batch["pixel_values"], batch["grids"]
+    new = generate.generate(student, ids, pixels.bfloat16(), grids=grids, max_new_tokens=16)
+    with torch.no_grad():
+        out = student(ids, pixels.bfloat16(), grids=grids, new_tokens=16)
+        assert {c.flex.ssm.dtype for c in out.caches} == {torch.float32}
+        assert {c.swin.k.dtype for c in out.caches} == {torch.bfloat16}
+        logits, position = [out.logits[:, -1]], torch.tensor([ids.shape[1]])
+        for token in new[0, :-1]:
+            logits.append(student.step(token[None], position, out.caches))
+            position += 1
+        full = reference(torch.cat([ids, new], 1), pixels.double(), grids=grids).logits
+    for got, want in ((out.logits, full[:, :ids.shape[1]]), (torch.stack(logits, 1), full[:, ids.shape[1] - 1:-1])):
+        assert got.dtype == torch.bfloat16 and (got.double() - want).abs().max() <= 0.06 * want.abs().max()
+    save_model(student, tmp_path / "again")
+    again = load_model(tmp_path / "again", dtype=torch.bfloat16)
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["dtype"] == "bfloat16"
+    want = student.state_dict()
+    assert all(v.dtype == torch.bfloat16 and torch.equal(v, want[k]) for k, v in again.state_dict().items())
 
 
 def test_fresh_student_equals_teacher_where_the_initialization_is_exact(tiny_hub):
@@ -1202,14 +1250,60 @@ def test_generation_stops_every_sequence_at_its_end_token(tiny_hub):
         assert torch.equal(row[:stop], free_row[:stop]) and (row[stop:] == end).all()
 
 
-def test_generation_command_line_runs_on_teacher_and_student(tiny_hub, tmp_path, capsys):
-    image = tmp_path / "image.png"
-    TF.to_pil_image(random_image(30, 40, 1)).save(image)
-    student = save_model(smolvlm.convert_to_linmu(load_model(tiny_hub)), tmp_path / "student", source=tiny_hub)
-    for model in (tiny_hub, student):
-        generate.main(["--model", str(model), "--image", str(image), "--prompt", "What?", "--max-new-tokens", "4",
-                       "--temperature", "0.8", "--top-p", "0.9"])
-        assert capsys.readouterr().out.strip()
+@pytest.fixture(scope="module")
+def answerers(tmp_path_factory, tiny_hub):
+    """What `python generate.py` is given: the tiny teacher, its student, an image and a folder of 3 frames."""
+    root = tmp_path_factory.mktemp("answerers")
+    TF.to_pil_image(random_image(30, 40, 1)).save(root / "image.png")
+    write_frames(root / "frames", 3)
+    student = save_model(smolvlm.convert_to_linmu(load_model(tiny_hub)), root / "student", source=tiny_hub)
+    return {"teacher": tiny_hub, "student": student, "image": root / "image.png", "frames": root / "frames"}
+
+
+def answer(argv, capsys) -> str:
+    """What `python generate.py argv` prints."""
+    generate.main([str(arg) for arg in argv])
+    return capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("kind, media, dtype", [("teacher", "image", "float32"), ("student", "video", "float32"),
+                                                ("student", "image", "bfloat16")])
+def test_generation_command_line_greedy_answer_is_generate_on_the_same_inputs(answerers, kind, media, dtype, capsys,
+                                                                              monkeypatch):
+    """`python generate.py` answers an image or a folder of video frames, in float32 or (--dtype) bfloat16,
+    with the greedy tokens generate() gives on the same messages, media and weights, decoded."""
+    loaded, load = [], generate.load_model
+    monkeypatch.setattr(generate, "load_model", lambda *args: loaded.append(load(*args)) or loaded[-1])
+    path = answerers[kind]
+    flag, content = ("--image", {"type": "image"}) if media == "image" else ("--video", {"type": "video"})
+    printed = answer(["--model", path, flag, answerers["image" if media == "image" else "frames"], "--prompt", "What?",
+                      "--max-new-tokens", "6", "--dtype", dtype], capsys)
+    assert len(loaded) == 1 and {p.dtype for p in loaded[0].parameters()} == {getattr(torch, dtype)}
+    processor = P.Processor.from_pretrained(path)
+    messages = [{"role": "user", "content": [content, {"type": "text", "text": "What?"}]}]
+    if media == "image":
+        batch = processor(messages, images=[answerers["image"]])
+    else:
+        video = P.load_video(answerers["frames"])
+        assert len(video.frames) == 3
+        batch = processor(messages, video=video)
+        assert batch["grids"] == [[(3, 4, 4)]]  # the three frames, one grid
+    model = tune(load_model(path, dtype=getattr(torch, dtype)), speed.TUNING["cpu"])
+    ids = generate.generate(model, batch["input_ids"], batch["pixel_values"].to(getattr(torch, dtype)),
+                            grids=batch["grids"], max_new_tokens=6, eos_token_id=processor.eos_token_id)
+    want = processor.decode(ids[0]).strip()
+    assert want and printed == want
+
+
+def test_generation_command_line_sampling_repeats_with_its_seed(answerers, capsys):
+    """--temperature and --top-p sample; --seed (0 by default) makes the sample repeat: the same seed gives
+    the same answer, another seed another, for a teacher and a student."""
+    for kind in ("teacher", "student"):
+        flags = ["--model", answerers[kind], "--image", answerers["image"], "--prompt", "What?",
+                 "--max-new-tokens", "8", "--temperature", "1.0", "--top-p", "0.95"]
+        first, again, other = (answer([*flags, "--seed", seed], capsys) for seed in (1, 1, 2))
+        assert first and first == again and other != first, (kind, first, other)
+        assert answer(flags, capsys) == answer([*flags, "--seed", 0], capsys)
 
 
 @pytest.mark.parametrize("model, message", [
