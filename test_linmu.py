@@ -61,7 +61,8 @@ def naive_ssm(x, dt, A, B, C, state=None):
     h = torch.zeros(x.shape[0], heads, x.shape[3], B.shape[3], dtype=x.dtype) if state is None else state.clone()
     ys = []
     for t in range(x.shape[1]):
-        h = torch.exp(dt[:, t] * A)[..., None, None] * h + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
+        h = (torch.exp(dt[:, t] * A)[..., None, None] * h
+             + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :])
         ys.append(torch.einsum("bhpn,bhn->bhp", h, C[:, t]))
     return torch.stack(ys, 1), h
 
@@ -171,7 +172,8 @@ def test_ssd_scan_long_sequence_with_strong_decay_stays_finite_and_exact():
     assert torch.isfinite(y).all() and (y - ref).abs().max() <= 1e-10 * ref.abs().max()
 
 
-@pytest.mark.parametrize("per_block,chunks", [(R, c) for R in sorted({t.chunking.chunks_per_block for t in speed.TUNING.values()})
+@pytest.mark.parametrize("per_block,chunks", [(R, c) for R in sorted({t.chunking.chunks_per_block
+                                                                        for t in speed.TUNING.values()})
                                               for c in sorted({1, R - 1, R, R + 1, 63, 64, 65, 1003})])
 def test_ssd_scan_carries_the_state_exactly_within_and_across_blocks_of_chunks(per_block, chunks):
     """Step 3 works in two levels (blocks of per_block chunks, then across blocks), at each device's
@@ -278,7 +280,8 @@ def tiny_flex(seed=0, conv_kernel=3):
 
 
 def test_flex_ma_starts_with_the_configured_step_sizes_and_decay_rates():
-    """What MixerConfig.dt_max and A_max promise: dt = softplus(dt_bias) log-spaced from 1e-3, A = -exp(A_log) from -1."""
+    """What MixerConfig.dt_max and A_max promise: dt = softplus(dt_bias) log-spaced from 1e-3, A = -exp(A_log)
+    from -1."""
     flex = FlexMA(d_model=12, heads=3, head_dim=4, cfg=MixerConfig(dt_max=1e-2, A_max=4.0))
     assert torch.allclose(F.softplus(flex.dt_bias), torch.tensor([1e-3, 10**-2.5, 1e-2]), rtol=1e-5)
     assert torch.allclose(-flex.A_log.exp(), torch.tensor([-1.0, -2.5, -4.0]))
@@ -465,7 +468,8 @@ def test_mmate_prefill_then_decoding_equals_full_pass(branches):
     layout = layout_of(visual, grids, batch=2)
     x = torch.randn(2, len(visual), 16, dtype=torch.float64)
     full, _ = layer(x, plan_of(layout, cfg, 4, torch.float64, layer=1))  # shifted windows, column-major scan
-    out, cache = layer(x[:, :prompt], plan_of(layout_of(visual[:prompt], grids, batch=2), cfg, 4, torch.float64, layer=1))
+    out, cache = layer(x[:, :prompt],
+                       plan_of(layout_of(visual[:prompt], grids, batch=2), cfg, 4, torch.float64, layer=1))
     steps = [out]
     for t in range(prompt, len(visual)):
         rope = tuple(r.double() for r in rope_tables(layout.positions[:, t:t + 1], 4))
@@ -505,7 +509,8 @@ class TorchCalls(torch.overrides.TorchFunctionMode):
 
 
 def video_prompt(frames, batch=1):
-    """A prompt shaped like SmolVLM2's for a video of 4 x 4-token frames: text, each frame after a marker, a question."""
+    """A prompt shaped like SmolVLM2's for a video of 4 x 4-token frames: text, each frame after a marker, a
+    question."""
     return make_sequence([6] + [p for _ in range(frames) for p in (3, (1, 4, 4))] + [5])
 
 
@@ -1473,8 +1478,8 @@ def test_number_to_words_matches_num2words():
 
 def test_prompt_layout(processor):
     assert P.number_to_words(64) == "sixty-four"
-    assert P.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}]) \
-        == "<|im_start|>User:<image>Describe.<end_of_utterance>\nAssistant:"
+    described = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}]
+    assert P.apply_chat_template(described) == "<|im_start|>User:<image>Describe.<end_of_utterance>\nAssistant:"
     assert P.image_prompt(0, 0, 2) == "<fake_token_around_image><global-img><image><image><fake_token_around_image>"
     assert P.image_prompt(1, 2, 1) == ("<fake_token_around_image><row_1_col_1><image>"
                                        "<fake_token_around_image><row_1_col_2><image>\n\n"
@@ -1620,7 +1625,8 @@ def test_each_stage_trains_exactly_its_parameters(pair, stage):
     optimizer.step()
     changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == set(params)
-    assert all(layer.self_attn.branches == ("flex" if stage == 1 else "both") for layer in student.model.text_model.layers)
+    assert all(layer.self_attn.branches == ("flex" if stage == 1 else "both")
+               for layer in student.model.text_model.layers)
 
 
 def test_distillation_loss_falls(pair):
@@ -1908,7 +1914,8 @@ def bench_config(tmp_path):
 
 def test_bench_runs_its_smallest_configuration_end_to_end(bench_config, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    bench.main(["--config", str(bench_config), *BENCH_SMALLEST, "--json", str(out), "--plot", str(tmp_path / "bench.png")])
+    bench.main(["--config", str(bench_config), *BENCH_SMALLEST, "--json", str(out),
+                "--plot", str(tmp_path / "bench.png")])
     printed = capsys.readouterr().out
     assert "torch " + torch.__version__ in printed and "decoder 2 of 3 layers" in printed
     assert "log-log slope" in printed and "crossover" in printed
@@ -1919,7 +1926,8 @@ def test_bench_runs_its_smallest_configuration_end_to_end(bench_config, tmp_path
     assert [rows[w]["tokens"] for w in rows] == [
         bench.PREFIX_TOKENS + 4 + 2 + bench.QUESTION_TOKENS,  # one 2 x 2 tile and its marker
         bench.PREFIX_TOKENS + 5 * (4 + 2) + bench.QUESTION_TOKENS,  # 2 x 2 tiles + the global image
-        bench.PREFIX_TOKENS + 2 * (4 + 10) + bench.QUESTION_TOKENS, bench.PREFIX_TOKENS + 3 * (4 + 10) + bench.QUESTION_TOKENS,
+        bench.PREFIX_TOKENS + 2 * (4 + 10) + bench.QUESTION_TOKENS,
+        bench.PREFIX_TOKENS + 3 * (4 + 10) + bench.QUESTION_TOKENS,
         160, 200]
     for row in rows.values():
         for model in bench.MODELS:
@@ -1965,7 +1973,8 @@ def test_bench_times_a_converted_checkpoint_against_a_loaded_teacher(tmp_path, c
     save_model(teacher, tmp_path / "teacher")
     save_model(smolvlm.convert_to_linmu(teacher), tmp_path / "student")
     rows = bench.main(["--model", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
-                       "--tiles", "none", "--frames", "2", "--lengths", "", "--mixer-lengths", "", "--vision-frames", "0",
+                       "--tiles", "none", "--frames", "2", "--lengths", "", "--mixer-lengths", "",
+                       "--vision-frames", "0",
                        "--new-tokens", "1", "--batch", "2", "--warmup", "0", "--repeats", "1", "--threads", "1",
                        "--plot", str(tmp_path / "bench.png")])
     assert [r["workload"] for r in rows] == ["image", "video 2 s"]
@@ -2036,7 +2045,8 @@ def test_toy_task_is_deterministic_and_answers_match_the_video(experiment):
         assert cell == (int(words[2][3:]), int(words[3][3:]))
         # every frame shows task.walkers shapes (cells brighter than the background), and of those in
         # the frame before, the only one on or next to the answered cell is where the move started
-        lit = frames.amax(1).unflatten(1, (task.grid, task.cell)).unflatten(3, (task.grid, task.cell)).amax((2, 4)) > 0.5
+        cells = frames.amax(1).unflatten(1, (task.grid, task.cell)).unflatten(3, (task.grid, task.cell))
+        lit = cells.amax((2, 4)) > 0.5
         assert lit.flatten(1).sum(1).tolist() == [task.walkers] * task.frames
         near = [(r, c) for r, c in lit[frame - 1].nonzero().tolist() if abs(r - cell[0]) + abs(c - cell[1]) <= 1]
         step = toy.MOVES[words[4]]
@@ -2074,7 +2084,8 @@ def test_toy_table_of_seeds_run_apart_is_what_one_run_over_them_prints(tmp_path,
     other = json.loads((tmp_path / "1.json").read_text())
     other["runs"][0]["settings"]["stage_steps"] = [1, 1, 1]
     (tmp_path / "other.json").write_text(json.dumps(other))
-    for argv, message in [([str(tmp_path / "0.json"), str(tmp_path / "other.json")], "different experiments or settings"),
+    for argv, message in [([str(tmp_path / "0.json"), str(tmp_path / "other.json")],
+                           "different experiments or settings"),
                           ([str(tmp_path / "0.json")] * 2, "give each seed's run once"),
                           ([str(tmp_path / "none.json")], "is not a file toy.py --out wrote"),
                           ([str(tmp_path / "0.json"), "--seed", "3"], "takes no other flag: leave out --seed")]:
@@ -2183,14 +2194,16 @@ MISTAKES = [  # (command, flags, what the error line says); {name} is a path of 
     pytest.param("generate.py", ["--model", "{teacher}", "--video", "{clip}"], "needs torchcodec",
                  id="generate-video-file-without-torchcodec",
                  marks=pytest.mark.skipif(TORCHCODEC, reason="torchcodec is installed")),
-    pytest.param("generate.py", ["--model", "{teacher}", "--device", "tpu:3"], "no such device", id="generate-unknown-device"),
-    pytest.param("generate.py", ["--model", "{teacher}", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1",
-                 id="generate-zero-tokens"),
+    pytest.param("generate.py", ["--model", "{teacher}", "--device", "tpu:3"], "no such device",
+                 id="generate-unknown-device"),
+    pytest.param("generate.py", ["--model", "{teacher}", "--max-new-tokens", "0"],
+                 "--max-new-tokens must be at least 1", id="generate-zero-tokens"),
     pytest.param("convert.py", ["--model", "{student}", "--out", "{out}"], "where a SmolVLM2 teacher is needed",
                  id="convert-student-as-teacher"),
     pytest.param("convert.py", ["--model", "{truncated}", "--out", "{out}"], "is not a readable safetensors file",
                  id="convert-truncated-weights"),
-    pytest.param("convert.py", ["--model", "{missing}", "--out", "{out}"], "does not exist", id="convert-missing-model"),
+    pytest.param("convert.py", ["--model", "{missing}", "--out", "{out}"], "does not exist",
+                 id="convert-missing-model"),
     pytest.param("convert.py", ["--model", "{teacher}", "--out", "{out}", "--text-window", "0"],
                  "--text-window must be at least 1", id="convert-zero-text-window"),
     pytest.param("convert.py", ["--model", "{teacher}", "--out", "{out}", "--A-max", "-1"],
@@ -2416,8 +2429,8 @@ def test_bench_sets_each_model_against_its_limits_and_says_where_a_cache_does_no
     load = bench.workloads(config, None, [], [400])[-1]
     for model, model_config in zip(bench.MODELS, (config, smolvlm.convert_to_linmu(VLM(config)).config)):
         r = text[model]
-        assert r["prefill_flops"] == sum(bench.prefill_flops(model_config, 1, load, speed.tuning_for(torch.device("cpu")))
-                                         .values())
+        flops = bench.prefill_flops(model_config, 1, load, speed.tuning_for(torch.device("cpu")))
+        assert r["prefill_flops"] == sum(flops.values())
         assert r["prefill_tflop_s"] == pytest.approx(r["prefill_flops"] / r["prefill_s"] / 1e12)
         step = bench.step_bytes(model_config, 1, 401, torch.float32)
         assert r["decode_gb_s_b2"] == pytest.approx(step.at(2) * r["decode_tok_s_b2"] / 2 / 1e9)
