@@ -221,7 +221,7 @@ class CUDAGraphStep:
 
 
 def decoder(model: VLM, caches: list):
-    """model.step on these caches as a function (token (B,), position (1,)) -> logits (B, V):
+    """model.step on these caches as a function (token (B,), position (B,)) -> logits (B, V):
     eager on the CPU (the reference), a CUDA graph on CUDA."""
     step = lambda token, position: model.step(token, position, caches)
     return CUDAGraphStep(step) if next(model.parameters()).device.type == "cuda" else step

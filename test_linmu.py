@@ -451,7 +451,7 @@ def test_mmate_prefill_then_decoding_equals_full_pass(branches):
     steps = [out]
     for t in range(prompt, len(visual)):
         rope = tuple(r.double() for r in rope_tables(layout.positions[:, t:t + 1], 4))
-        steps.append(layer.step(x[:, t:t + 1], rope, torch.tensor([t]), cache))
+        steps.append(layer.step(x[:, t:t + 1], rope, torch.tensor([t, t]), cache))  # each sequence's position
     assert torch.allclose(torch.cat(steps, 1), full, rtol=0, atol=1e-10)
 
 
@@ -1009,10 +1009,10 @@ def test_fresh_student_equals_teacher_where_the_initialization_is_exact(tiny_hub
         assert not torch.allclose(student(longer).logits[:, 40:], teacher(longer).logits[:, 40:], atol=1e-3)
 
 
-def decoding_models(tiny_hub):
-    """The tiny teacher and its student (text window 8, gates that differ per token), in float64:
-    the comparisons below are of logic, not of rounding."""
-    teacher = load_model(tiny_hub, dtype=torch.float64)
+def decoding_models(tiny_hub, dtype=torch.float64):
+    """The tiny teacher and its student (text window 8, gates that differ per token), in float64 unless
+    asked: the comparisons below are of logic, not of rounding."""
+    teacher = load_model(tiny_hub, dtype=dtype)
     student = smolvlm.convert_to_linmu(teacher, MixerConfig(text_window=8))
     for layer in student.model.text_model.layers:
         torch.nn.init.normal_(layer.self_attn.gate.weight)  # make the per-token gate matter
@@ -1068,7 +1068,7 @@ def test_decoding_steps_compile_once_for_every_step_and_context_and_layers_share
                 with torch.no_grad():
                     out = model(ids, new_tokens=16)
                     reference = eager(ids, new_tokens=16).caches  # the same caches, stepped eagerly
-                token, position = out.logits[:, -1].argmax(-1), torch.tensor([length])
+                token, position = out.logits[:, -1].argmax(-1), torch.tensor([length, length])
                 for _ in range(16):
                     with torch._dynamo.config.patch(error_on_recompile=compiled):
                         logits = model.step(token, position, out.caches)
@@ -1090,6 +1090,68 @@ def test_generation_stops_every_sequence_at_its_end_token(tiny_hub):
     assert stops[0] <= 3 and stopped.shape[1] == max(stops)
     for row, free_row, stop in zip(stopped, free, stops):
         assert torch.equal(row[:stop], free_row[:stop]) and (row[stop:] == end).all()
+
+
+def mixed_samples(checkpoint, folder):
+    """Four prompts of different lengths, each processed alone: an image of 2 x 2 tiles and its global
+    tile, a single-tile image, a video of 3 frames (written to `folder`), text only."""
+    processor = P.Processor.from_pretrained(checkpoint)
+    unsplit = P.Processor(processor.tokenizer, replace(processor.cfg, do_image_splitting=False))
+    ask = lambda text, *media: [{"role": "user",
+                                 "content": [{"type": m} for m in media] + [{"type": "text", "text": text}]}]
+    write_frames(folder, 3)
+    return processor, [processor(ask("Describe.", "image"), images=[random_image(50, 90, 0)]),
+                       unsplit(ask("What is it?", "image"), images=[random_image(40, 30, 1)]),
+                       processor(ask("What happens?", "video"), video=P.load_video(folder)),
+                       processor(ask("Hi"))]
+
+
+def prefill_and_decode(model, batch, tokens):
+    """The prompt's logits (B, L, V), then those of decoding steps that read tokens (B, S), each
+    sequence from its own end (B, S, V)."""
+    pixels = batch["pixel_values"] if len(batch["pixel_values"]) else None
+    out = model(batch["input_ids"], pixels, grids=batch["grids"], new_tokens=tokens.shape[1],
+                attention_mask=batch["attention_mask"])
+    position, steps = batch["attention_mask"].sum(1), []
+    for token in tokens.T:
+        steps.append(model.step(token, position, out.caches))
+        position = position + 1
+    return out.logits, torch.stack(steps, 1)
+
+
+@pytest.mark.parametrize("piece", [None, 64])  # whole prompts, as on a GPU; a CPU's pieces, the video in four
+@pytest.mark.parametrize("kind", ["teacher", "student"])
+def test_a_mixed_padded_batch_gives_each_sample_its_own_logits_in_prefill_and_decoding(tiny_hub, tmp_path, kind,
+                                                                                        piece):
+    """Right padding (processing.Processor.collate's) changes no real token's logits, and no decoding
+    state: each sequence decodes from its own end, with the teacher's cache slots, Flex-MA's state and
+    Local-Swin's ring (text window 8, wrapped) its own. In float32, prefill and 16 greedy steps."""
+    model = tuned(decoding_models(tiny_hub, torch.float32)[kind], piece, 16)
+    processor, samples = mixed_samples(tiny_hub, tmp_path / "clip")
+    batch = processor.collate(samples)
+    lengths = [s["input_ids"].shape[1] for s in samples]
+    assert batch["attention_mask"].sum(1).tolist() == lengths and len(set(lengths)) == 4
+    with torch.no_grad():
+        alone = []
+        for sample in samples:
+            pixels = sample["pixel_values"] if len(sample["pixel_values"]) else None
+            tokens = generate.generate(model, sample["input_ids"], pixels, grids=sample["grids"], max_new_tokens=17)
+            alone.append((tokens, *prefill_and_decode(model, sample, tokens[:, :16])))
+        tokens = torch.cat([t for t, _, _ in alone])  # (4, 17)
+        prefill, steps = prefill_and_decode(model, batch, tokens[:, :16])
+        generated = generate.generate(model, batch["input_ids"], batch["pixel_values"], grids=batch["grids"],
+                                      max_new_tokens=17, attention_mask=batch["attention_mask"])
+    for b, (n, (_, own_prefill, own_steps)) in enumerate(zip(lengths, alone)):
+        assert (prefill[b, :n] - own_prefill[0]).abs().max() < 1e-5
+        assert (steps[b] - own_steps[0]).abs().max() < 1e-5
+    assert torch.equal(generated, tokens)  # generate continues each sequence from its own end
+
+
+@pytest.mark.parametrize("mask", [[[0, 1, 1], [1, 1, 1]], [[1, 0, 1], [1, 1, 1]], [[1, 1, 0], [0, 0, 0]]])
+def test_left_padding_holes_and_empty_rows_in_the_attention_mask_are_refused(mask):
+    ids = torch.tensor([[5, 6, 7], [5, 6, 7]])
+    with pytest.raises(ValueError, match="not right padding"):
+        TokenLayout.build(ids, 1, None, torch.tensor(mask))
 
 
 def test_generation_command_line_runs_on_teacher_and_student(tiny_hub, tmp_path, capsys):
