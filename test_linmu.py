@@ -199,10 +199,14 @@ def test_ssd_scan_bf16_accumulates_in_float32():
     assert (y.double() - ref).abs().max() <= 2e-2 * ref.abs().max()
 
 
-def test_ssd_scan_gradients():
-    x, dt, A, B, C, h0 = random_scan_inputs(1, 11, 2, 2, 1, 3, torch.float64)
+@pytest.mark.parametrize("exclusive", [None, [False, True]])  # neither sequence; the second (the backward direction's)
+def test_ssd_scan_gradients_match_finite_differences_with_a_carried_in_state_and_when_exclusive(exclusive):
+    """gradcheck in float64 of the output and the final state, with respect to every input, the
+    carried-in state included, over several chunks and blocks of chunks."""
+    x, dt, A, B, C, h0 = random_scan_inputs(2, 11, 2, 2, 1, 3, torch.float64)
     inputs = tuple(t.requires_grad_() for t in (x, dt, A, B, C, h0))
-    assert torch.autograd.gradcheck(lambda *a: ssd_scan(*a[:5], 4, 2, a[5]), inputs)
+    exclusive = None if exclusive is None else torch.tensor(exclusive)
+    assert torch.autograd.gradcheck(lambda *a: ssd_scan(*a[:5], 4, 2, a[5], exclusive), inputs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,6 +349,26 @@ def test_flex_ma_prefill_then_steps_equals_full_pass(conv_kernel):
     assert torch.allclose(cache.ssm, final.ssm.double(), rtol=0, atol=1e-10)
 
 
+def parameters_as_inputs(module):
+    """A module's parameters as gradcheck inputs (float64 copies), and run(values, *args): the module
+    called with those values in place of its parameters. The modules' gradchecks take fast_mode:
+    each input's Jacobian along a random direction, not entry by entry (thousands of entries)."""
+    names = [name for name, _ in module.named_parameters()]
+    values = tuple(p.detach().clone().requires_grad_() for p in module.parameters())
+    return values, lambda values, *args: torch.func.functional_call(module, dict(zip(names, values)), args)
+
+
+def test_flex_ma_gradients_match_finite_differences_in_both_directions():
+    """gradcheck in float64 with respect to the input and every parameter, with visual tokens (the
+    backward scan, its convolution) in a Rotary Major-Scan order."""
+    flex = tiny_flex()
+    grids = [(1, 1, 3), (2, 2, 1), (1, 1, 1)]  # VISUAL's runs of 3, 4 and 1 visual tokens
+    scan = linmu.major_order(TokenLayout.build(VISUAL.long(), 1, [grids]), (3, 2, 1))
+    u = torch.randn(1, VISUAL.shape[1], 12, dtype=torch.float64, requires_grad=True)
+    params, run = parameters_as_inputs(flex)
+    assert torch.autograd.gradcheck(lambda u, *p: run(p, u, VISUAL, scan, SMALL)[0], (u, *params), fast_mode=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. Local-Swin
 
@@ -472,6 +496,22 @@ def test_mmate_mixes_its_branches_with_a_per_token_sigmoid_gate(piece):
     flex, swin = layer.flex(x, layout.visual, None, SMALL)[0], layer.swin(x, plan.rope, plan.windows)[0]  # tested above
     assert g.std() > 0.1  # the gate really differs between tokens
     assert torch.allclose(out, g * flex + (1 - g) * swin, rtol=0, atol=1e-12)
+
+
+def test_mmate_gradients_match_finite_differences_through_both_branches_and_the_gate():
+    """gradcheck in float64 with respect to the input and every parameter: Flex-MA both ways, Local-Swin's
+    shifted windows over an image and a video and its text windows, the gate."""
+    torch.manual_seed(0)
+    cfg = MixerConfig(text_window=6)
+    layer = MMATE(d_model=16, heads=4, kv_heads=2, head_dim=4, cfg=cfg).double()
+    with torch.no_grad():  # off the initial values (an even gate, identity convolutions)
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    visual, grids = make_sequence([3, (2, 2, 2), 2, (1, 2, 3), 4])
+    plan = plan_of(layout_of(visual, grids), cfg, 4, torch.float64, layer=1)  # shifted, a Rotary Major-Scan order
+    x = torch.randn(1, len(visual), 16, dtype=torch.float64, requires_grad=True)
+    params, run = parameters_as_inputs(layer)
+    assert torch.autograd.gradcheck(lambda x, *p: run(p, x, plan)[0], (x, *params), fast_mode=True)
 
 
 class TorchCalls(torch.overrides.TorchFunctionMode):
@@ -1145,7 +1185,7 @@ def test_a_mixed_padded_batch_gives_each_sample_its_own_logits_in_prefill_and_de
         prefill, steps = prefill_and_decode(model, batch, tokens[:, :16])
         generated = generate.generate(model, batch["input_ids"], batch["pixel_values"], grids=batch["grids"],
                                       max_new_tokens=17, attention_mask=batch["attention_mask"])
-    for b, (n, (_, own_prefill, own_steps)) in enumerate(zip(lengths, alone)):  # float32's rounding, logits up to 5
+    for b, (n, (_, own_prefill, own_steps)) in enumerate(zip(lengths, alone)):  # float32: rounding, relative too
         assert torch.allclose(prefill[b, :n], own_prefill[0], rtol=1e-5, atol=1e-5)
         assert torch.allclose(steps[b], own_steps[0], rtol=1e-5, atol=1e-5)
     assert torch.equal(generated, tokens)  # generate continues each sequence from its own end
