@@ -20,12 +20,20 @@ then the question. Per workload and model:
     student keeps the teacher's: the same module, the same time), for workloads with at most
     --vision-frames frames; TTFT is its time plus the prefill's;
   * decoding: generated tokens per second over --new-tokens greedy steps after the prefill, at
-    batch 1 and at --batch (the batch-1 prefill's caches repeated, as identical prompts give),
-    through speed.decoder: fixed-size caches written in place, replayed as a CUDA graph on CUDA
-    for both models (the first step, which records the graph, is not timed);
+    batch 1 and at each size of --batch (the batch-1 prefill's caches repeated, as identical prompts
+    give), through speed.decoder: fixed-size caches written in place, replayed as a CUDA graph on
+    CUDA for both models (the first step, which records the graph, is not timed); a batch whose
+    caches, beside the batch-1 prefill's, exceed --memory-budget-mib is not run: "does not fit";
   * peak memory of the prefill: on CUDA torch.cuda.max_memory_allocated above what was allocated
     before; on CPU the growth of the process's peak resident set (VmHWM, reset through
     /proc/self/clear_refs) above its resident set before.
+
+Each model is also set against its own limit. Its prefill's work is counted from the sizes and the
+prompt's layout (prefill_flops: the matmul FLOPs, as torch's FlopCounterMode counts them), and so
+is the traffic of a decoding step (step_bytes: the weights, and the caches read and written);
+the rates reached, TFLOP/s and GB/s, are then compared with the card's peak (configs/cards.json,
+or --peak-tflops and --peak-gbs; never guessed), and the FLOP and byte ratios of the two models,
+the speedups equal rates would give, with the speedups measured.
 
 Then, apart from the model, one decoder layer's mixer alone (the teacher's first attention layer
 against the student's first M-MATE layer, eager) on the visual tokens of videos of
@@ -38,6 +46,10 @@ the median of --repeats runs after --warmup untimed runs, with CUDA synchronized
 step; the compile time (the warm-up runs less as many timed runs) is reported on its own, never
 inside a timing. Every row is printed as soon as it is measured, and --json is rewritten after
 each, so an interrupted run keeps what it measured.
+
+With --profile WORKLOAD, nothing is timed: torch.profiler records the first decoder layer of each
+model on that workload, its prefill and one decoding step, and prints the top operations by
+self device time (CPU time on a CPU); --json then names a folder for the Chrome traces.
 """
 
 from __future__ import annotations
@@ -50,6 +62,7 @@ import platform
 import re
 import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
@@ -58,11 +71,12 @@ from torch import Tensor
 from tqdm import tqdm
 
 from cli import InputError, check_bounds, check_device, user_errors, write_json
-from linmu import PromptPlan, TokenLayout
+from linmu import TEXT_BLOCK, MixerConfig, PromptPlan, TokenLayout, layer_pattern
 from smolvlm import VLM, VLMConfig, check_checkpoint, convert_to_linmu, load_model, resolve_checkpoint
-from speed import compile_model, decoder, tune, tuning_for
+from speed import Tuning, compile_model, decoder, pieces, tune, tuning_for
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "smolvlm2-256m.json"
+CARDS = Path(__file__).parent / "configs" / "cards.json"  # peak TFLOP/s and GB/s of known cards
 PREFIX_TOKENS, QUESTION_TOKENS = 16, 8  # chat template and system text before, the question after
 FRAME_MARKER_TOKENS, TILE_MARKER_TOKENS = 10, 2  # "\nFrame from MM:SS:<fake><global-img>", "<fake><row_i_col_j>"
 MODELS = ("attention", "linmu")
@@ -72,10 +86,10 @@ MODELS = ("attention", "linmu")
 # whole model from one image to videos of 17 minutes (1024 frames, about 75k tokens).
 DEFAULTS = {
     "cpu": dict(frames="16,64,128,256", lengths="4096,16384", mixer_lengths="4096,8192,16384,32768", layers=2,
-                vision_frames=1, new_tokens=16, batch=8, variants="eager"),
+                vision_frames=1, new_tokens=16, batch="8", variants="eager"),
     "cuda": dict(frames="16,64,256,512,1024", lengths="8192,32768,65536", mixer_lengths="16384,65536,131072",
-                 layers=0, vision_frames=1024, new_tokens=32, batch=8, variants="eager,compile"),
-}
+                 layers=0, vision_frames=1024, new_tokens=32, batch=None, variants="eager,compile"),
+}  # cuda's batch None: default_batches, from the memory free and what the teacher's cache needs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,7 +130,8 @@ class Workload:
         return torch.cat(pieces + [text(QUESTION_TOKENS)])[None]
 
 
-def workloads(config: VLMConfig, tiles: tuple[int, int] | None, frames: list[int], lengths: list[int]) -> list[Workload]:
+def workloads(config: VLMConfig, tiles: tuple[int, int] | None, frames: list[int],
+              lengths: list[int]) -> list[Workload]:
     """One image, a high-resolution image cut into tiles plus its global image, videos at 1 fps, text-only lengths."""
     side = math.isqrt(config.image_seq_len)
     image = (1, side, side)
@@ -198,6 +213,190 @@ def cache_bytes(cache) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# Limits: the work of a prefill and the traffic of a decoding step, counted from the sizes
+
+
+def prefill_flops(config: VLMConfig, layers: int, load: Workload, settings: Tuning) -> dict[str, int]:
+    """The matmul work of bench's prefill (`layers` decoder layers over the prompt, the head at its last
+    token) in FLOPs, 2 per multiply-add, by part: attention, mlp and head for the teacher; flex, flex conv,
+    swin, gate, mlp and head for the student (config.linmu set), whose layers run with these Tuning settings.
+
+    It counts what torch.utils.flop_counter.FlopCounterMode counts, matrix products, and no elementwise work
+    (norms, softmax, activations, decays), so that the two can be checked against each other. Attention
+    counts the (query, key) pairs its kernel computes: the causal half of the prompt's for the teacher;
+    for Local-Swin every pair of a window, windows padded to the largest and text blocks with all their
+    keys (a mask does not skip work). Flex-MA's scan counts the chunked SSD algorithm's matmuls as they
+    run (linmu.ssd_scan): in Tuning.piece_tokens pieces, chunks of Tuning.chunking.chunk_size, at least two
+    and padded, and step 3 in blocks of its chunks_per_block; both directions where the prompt has visual
+    tokens. One part FlopCounterMode does not see: "flex conv", Flex-MA's depthwise convolution (K
+    multiply-adds a channel), which linmu writes as elementwise multiply-adds.
+    """
+    text, mixer = config.text, config.linmu
+    D, H, kv, Dh = text.hidden_size, text.num_attention_heads, text.num_key_value_heads, text.head_dim
+    visual = load.input_ids(config, torch.Generator())[0] == config.image_token_id
+    L = len(visual)
+    linear = lambda inputs, outputs: 2 * L * inputs * outputs  # one projection of every token
+    qkvo = linear(D, (H + 2 * kv) * Dh) + linear(H * Dh, D)
+    parts = {"mlp": layers * 3 * linear(D, text.intermediate_size), "head": 2 * D * text.vocab_size}
+    if mixer is None:
+        return {"attention": layers * (qkvo + 4 * H * Dh * L * (L + 1) // 2), **parts}
+    flex, swin = mixer.branches != "swin", mixer.branches != "flex"
+    if flex:
+        directions, conv_dim = 2 if visual.any() else 1, 3 * H * Dh  # conv channels: x, B and C
+        scan = directions * scan_flops(L, H, Dh, settings)
+        parts["flex"] = layers * (linear(D, H * Dh + conv_dim + H) + linear(H * Dh, D) + scan)
+        parts["flex conv"] = layers * directions * 2 * mixer.conv_kernel * conv_dim * L
+    if swin:
+        parts["swin"] = sum(qkvo + 4 * H * Dh * window_pairs(visual, load.grids, mixer, layer_pattern(i)["shifted"])
+                            for i in range(layers))
+    if flex and swin:
+        parts["gate"] = layers * linear(D, 1)
+    return parts
+
+
+def scan_flops(length: int, heads: int, head_dim: int, settings: Tuning) -> int:
+    """linmu.ssd_scan's matmul FLOPs over one direction of a prompt (batch 1, state size N = head dim P), a piece at a
+    time: per chunk of Q tokens, step 1's C B^T and its scores times x (2 Q^2 (N + P)), steps 2 and 4 (2 Q P N each);
+    step 3 a (R + 1) x R matmul a block of R chunks and one across the blocks."""
+    Q, R, P = settings.chunking.chunk_size, settings.chunking.chunks_per_block, head_dim
+    total = 0
+    for piece in pieces(length, settings.piece_tokens) if settings.piece_tokens else [slice(0, length)]:
+        chunks = max(2, (piece.stop - piece.start) // Q + 1)
+        blocks = max(2, chunks // R + 1)
+        total += chunks * (4 * Q * Q * P + 4 * Q * P * P) + (blocks * 2 * (R + 1) * R + 2 * (blocks + 1) ** 2) * P * P
+    return heads * total
+
+
+def window_pairs(visual: Tensor, grids: list[tuple[int, int, int]], mixer: MixerConfig, shifted: bool) -> int:
+    """The (query, key) pairs one Local-Swin layer computes for a prompt (linmu.text_windows, linmu.swin_windows):
+    blocks of TEXT_BLOCK queries (at most text_window) holding a text token, each with all its keys; and the
+    Swin windows of every grid, each padded to the largest."""
+    pairs = 0
+    if not visual.all():
+        block = min(TEXT_BLOCK, mixer.text_window)
+        blocks = len(torch.unique((~visual).nonzero() // block))
+        pairs += blocks * block * (block + mixer.text_window - 1)
+    if visual.any():
+        window = (mixer.window_frames, mixer.window_rows, mixer.window_cols)
+        axes = [[window_sizes(n, w, shifted) for n, w in zip(grid, window)] for grid in grids]
+        count = sum(math.prod(len(sizes) for sizes in grid) for grid in axes)
+        largest = max(math.prod(max(sizes) for sizes in grid) for grid in axes)
+        pairs += count * largest**2
+    return pairs
+
+
+def window_sizes(length: int, window: int, shifted: bool) -> list[int]:
+    """The sizes of the Swin windows along one grid axis: w = min(window, length), and shifted windows start
+    half a window in where the axis is longer than w (linmu.swin_windows)."""
+    w = min(window, length)
+    offset = w - w // 2 if shifted and length > w else 0
+    return list(Counter((cell + offset) // w for cell in range(length)).values())
+
+
+@dataclass
+class StepBytes:
+    """The traffic of one decoding step, in bytes, moving each byte once (a fused step's; eager kernels move
+    more): `weights`, read once a step whatever the batch, and `per_sequence`, a sequence's caches read and
+    what changes of them written; `cache` is a sequence's caches held."""
+
+    weights: int
+    per_sequence: int
+    cache: int
+
+    def at(self, batch: int) -> int:
+        return self.weights + batch * self.per_sequence
+
+
+def step_bytes(config: VLMConfig, layers: int, slots: int, dtype: torch.dtype) -> StepBytes:
+    """A decoding step of `layers` decoder layers, weights and caches in `dtype`, the teacher's cache holding
+    `slots` tokens (the prompt and the room for the new ones).
+
+    The teacher reads its whole KV cache (the kernel reads every slot, masked or not) and writes one
+    slot; the student reads and rewrites Flex-MA's state (the last conv inputs, and the SSM state in
+    float32) and reads Local-Swin's ring of text_window slots, writing one. The weights are those of
+    every decoder layer that a step uses (not Flex-MA's backward convolution), the final norm and the
+    head; the embedding rows of the batch's tokens are left out (D values a sequence)."""
+    text, mixer, size = config.text, config.linmu, dtype.itemsize
+    D, H, kv, Dh = text.hidden_size, text.num_attention_heads, text.num_key_value_heads, text.head_dim
+    qkvo = D * (H + 2 * kv) * Dh + H * Dh * D
+    weights = 3 * D * text.intermediate_size + 2 * D  # the MLP and the layer's two norms
+    slot = 2 * kv * Dh * size  # a token's key and value
+    if mixer is None:
+        weights, cache, moved = weights + qkvo, slots * slot, slots * slot + slot
+    else:
+        flex, swin = mixer.branches != "swin", mixer.branches != "flex"
+        cache = moved = 0
+        if flex:
+            conv_dim, K = 3 * H * Dh, mixer.conv_kernel
+            # in_proj, z_bias, conv_forward and its bias, dt_bias, A_log, D, the per-head norm, out_proj
+            weights += D * (H * Dh + conv_dim + H) + H * Dh + conv_dim * (K + 1) + 3 * H + Dh + H * Dh * D
+            state = conv_dim * (K - 1) * size + H * Dh * Dh * torch.promote_types(dtype, torch.float32).itemsize
+            cache, moved = cache + state, moved + 2 * state
+        if swin:
+            ring = mixer.text_window * slot
+            weights, cache, moved = weights + qkvo, cache + ring, moved + ring + slot
+        if flex and swin:
+            weights += D + 1  # the gate
+    head = (D + D * text.vocab_size) * size  # the final norm and lm_head
+    return StepBytes(layers * weights * size + head, layers * moved, layers * cache)
+
+
+def card_peak(name: str) -> tuple[str, dict] | None:
+    """The entry of configs/cards.json for a device name, (card, figures): the longest card name that occurs in it
+    as whole words; None for a card the table does not know."""
+    cards = json.loads(CARDS.read_text())["cards"]
+    found = [card for card in cards if re.search(rf"\b{re.escape(card)}\b", name)]
+    if not found:
+        return None
+    card = max(found, key=len)
+    return card, cards[card]
+
+
+def peak_rates(args, device: torch.device, dtype: torch.dtype) -> dict:
+    """The device's peak TFLOP/s (dense, for dtype) and memory GB/s, None where not known, and a line saying where they
+    come from: --peak-tflops and --peak-gbs, else configs/cards.json's entry for a CUDA card (its bfloat16 figure, so
+    TFLOP/s for bfloat16 only); a CPU has none unless the flags give them."""
+    entry = card_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    card = f"{CARDS.parent.name}/{CARDS.name}: {entry[0]}" if entry else None
+    tflops, tflops_from = ((args.peak_tflops, "--peak-tflops") if args.peak_tflops else
+                           (entry[1]["tflops"], card) if entry and dtype == torch.bfloat16 else (None, None))
+    gbs, gbs_from = ((args.peak_gbs, "--peak-gbs") if args.peak_gbs else
+                     (entry[1]["gbs"], card) if entry else (None, None))
+    if tflops is None and gbs is None:
+        line = "peak unknown: pass --peak-tflops/--peak-gbs"
+    else:
+        line = "peak " + ", ".join([f"{tflops:g} TFLOP/s ({tflops_from})" if tflops else
+                                    "TFLOP/s unknown: pass --peak-tflops",
+                                    f"{gbs:g} GB/s ({gbs_from})" if gbs else "GB/s unknown: pass --peak-gbs"])
+    return {"tflops": tflops, "gbs": gbs, "line": line}
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on the device now: CUDA's free memory and what PyTorch's allocator holds unused, or a CPU's
+    MemAvailable; None where the platform does not say."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    meminfo = Path("/proc/meminfo")
+    found = re.search(r"^MemAvailable:\s+(\d+) kB", meminfo.read_text(), re.M) if meminfo.is_file() else None
+    return int(found.group(1)) * 1024 if found else None
+
+
+def most_sequences(per_sequence: int, budget: float) -> int:
+    """The largest decoding batch whose caches fit the budget (bytes) beside the batch-1 prefill's, which stay
+    alive: (batch + 1) x per_sequence bytes."""
+    return int(budget // per_sequence) - 1
+
+
+def default_batches(most: int) -> list[int]:
+    """Decoding batch sizes up to `most`: powers of two from 8 below it, then `most` (at least 2)."""
+    sizes = []
+    while 8 * 2 ** len(sizes) < most:
+        sizes.append(8 * 2 ** len(sizes))
+    return sizes + [max(2, most)]
+
+
+# ----------------------------------------------------------------------------------------------
 # What is timed
 
 
@@ -264,7 +463,8 @@ class PeakMemory:
         if self.device.type == "cuda":
             self.bytes = torch.cuda.max_memory_allocated(self.device) - self.before
         elif self.cpu:
-            self.bytes = max(0, resident_kib("VmHWM") - self.before) * 1024  # a page read after the reset can make it -4 KiB
+            # a page read after the reset can make it -4 KiB
+            self.bytes = max(0, resident_kib("VmHWM") - self.before) * 1024
 
 
 @dataclass
@@ -305,7 +505,8 @@ def workload_inputs(load: Workload, config: VLMConfig, device: torch.device, dty
     generator = torch.Generator().manual_seed(0)
     ids = load.input_ids(config, generator).to(device)
     images = load.visual_tokens // config.image_seq_len
-    features = (torch.randn(images, config.image_seq_len, config.text.hidden_size, generator=generator).to(device, dtype)
+    features = (torch.randn(images, config.image_seq_len, config.text.hidden_size, generator=generator)
+                .to(device, dtype)
                 if images else None)
     return ids, [load.grids], features
 
@@ -321,33 +522,60 @@ def bench_vision(model: VLM, load: Workload, args, device: torch.device) -> Timi
     return measure(lambda: model.encode_images(pixels), device, args.warmup, args.repeats)
 
 
+def decode_batches(args) -> list[int]:
+    """The decoding batch sizes: 1 (the latency) and those of --batch."""
+    return sorted({1, *args.batch})
+
+
 def bench_model(model: VLM, load: Workload, args, device: torch.device) -> dict:
-    """The decoder measurements of one model on one workload: prefill, then decoding at batch 1 and args.batch."""
+    """The decoder measurements of one model on one workload: prefill, with its work and the FLOP rate reached,
+    then decoding at each batch size: tokens/s, the traffic rate reached (step_bytes) and the caches held. A batch
+    whose caches and the batch-1 prefill's exceed args.memory_budget_mib, or that runs out of memory, is not
+    measured: its tokens/s is None ("does not fit")."""
     ids, grids, features = workload_inputs(load, model.config, device, model.lm_head.weight.dtype)
     image_token_id = model.config.image_token_id
     run = measure(lambda: prefill(model, ids, grids, features, args.new_tokens), device, args.warmup, args.repeats)
     token, caches = run.result
+    layers = len(decoder_layers(model))
+    flops = sum(prefill_flops(model.config, layers, load, tuning_for(device)).values())
+    traffic = step_bytes(model.config, layers, ids.shape[1] + args.new_tokens, model.lm_head.weight.dtype)
     row = dict(prefill_s=run.seconds, peak_mib=None if run.peak_bytes is None else run.peak_bytes / 2**20,
-               cache_mib=cache_bytes(caches) / 2**20, warmup_extra_s=run.warmup_extra)
-    for batch in (1, args.batch):
-        step = decoder(model, repeat_batch(caches, batch) if batch > 1 else caches)  # `batch` identical prompts
-        first = token.repeat(batch)
-        started = time.perf_counter()
-        step(first, torch.full_like(first, ids.shape[1]))  # on CUDA: records the CUDA graph
-        synchronize(device)
-        row["warmup_extra_s"] += time.perf_counter() - started
-        run = measure(lambda: decode(step, first, ids.shape[1], args.new_tokens, image_token_id), device,
-                      args.warmup, args.repeats)
-        row[f"decode_tok_s_b{batch}"] = batch * args.new_tokens / run.seconds
+               cache_mib=cache_bytes(caches) / 2**20, warmup_extra_s=run.warmup_extra, prefill_flops=flops,
+               prefill_tflop_s=flops / run.seconds / 1e12, step_weight_bytes=traffic.weights,
+               step_sequence_bytes=traffic.per_sequence)
+    per_sequence = cache_bytes(caches)
+    most = None if args.memory_budget_mib is None else most_sequences(per_sequence, args.memory_budget_mib * 2**20)
+    for batch in decode_batches(args):
+        row[f"decode_cache_mib_b{batch}"] = batch * per_sequence / 2**20
+        row[f"decode_tok_s_b{batch}"] = row[f"decode_gb_s_b{batch}"] = None
+        if batch > 1 and most is not None and batch > most:
+            continue
+        try:
+            step = decoder(model, repeat_batch(caches, batch) if batch > 1 else caches)  # `batch` identical prompts
+            first = token.repeat(batch)
+            started = time.perf_counter()
+            step(first, torch.full_like(first, ids.shape[1]))  # on CUDA: records the CUDA graph
+            synchronize(device)
+            row["warmup_extra_s"] += time.perf_counter() - started
+            run = measure(lambda: decode(step, first, ids.shape[1], args.new_tokens, image_token_id), device,
+                          args.warmup, args.repeats)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            continue
+        finally:
+            step = None  # its graph holds the batch's caches
+        tokens_per_s = batch * args.new_tokens / run.seconds
+        row[f"decode_tok_s_b{batch}"] = tokens_per_s
+        row[f"decode_gb_s_b{batch}"] = traffic.at(batch) * tokens_per_s / batch / 1e9
         row["warmup_extra_s"] += run.warmup_extra
-        del step  # its graph holds the batch's caches
     return row
 
 
 @torch.no_grad()
 def bench_mixers(teacher: VLM, student: VLM, lengths: list[int], args, device: torch.device, bar: tqdm):
     """Layer 0's mixer of each model alone on the visual tokens of a video (whole frames, no text),
-    the layout and PromptPlan built inside the timed call (the model's prefill builds them too): yields a row per length."""
+    the layout and PromptPlan built inside the timed call (the model's prefill builds them too): yields a row per
+    length."""
     config = teacher.config
     side, per_frame = math.isqrt(config.image_seq_len), config.image_seq_len
     dtype = teacher.lm_head.weight.dtype
@@ -376,6 +604,52 @@ def bench_mixers(teacher: VLM, student: VLM, lengths: list[int], args, device: t
 
 
 # ----------------------------------------------------------------------------------------------
+# Profile
+
+PROFILE_ROWS = 12  # operations a profile table shows
+
+
+@torch.no_grad()
+def profile_layer(model: VLM, name: str, load: Workload, device: torch.device, folder: Path | None) -> list[str]:
+    """torch.profiler on the first decoder layer of a model: its prefill of the workload (the PromptPlan built
+    before, as the decoder builds it before its layers), then one decoding step at the prompt's end, each after an
+    untimed run. Returns, for each, a title and the table of its top operations by self device time (CPU time on
+    a CPU); with a folder, writes each one's Chrome trace there, trace-<model>-<prefill|step>.json."""
+    ids, grids, features = workload_inputs(load, model.config, device, model.lm_head.weight.dtype)
+    text = model.model.text_model
+    h = model.embed(ids, features)
+    plan = text.plan(TokenLayout.build(ids, model.config.image_token_id, grids), h.dtype, new_tokens=1)[0]
+    layer = decoder_layers(model)[0]
+    position = torch.full((1,), ids.shape[1], device=device)
+    rope = tuple(t.to(h.dtype) for t in text.rotary(position[None]))
+    _, cache = layer(h, plan)
+    phases = {"prefill": lambda: layer(h, plan), "step": lambda: layer.step(h[:, -1:], rope, position, cache)}
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    self_time = (lambda e: e.self_device_time_total) if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
+    lines = []
+    for phase, run in phases.items():
+        run()
+        synchronize(device)
+        with torch.profiler.profile(activities=activities) as profiler:
+            run()
+            synchronize(device)
+        if folder is not None:
+            profiler.export_chrome_trace(str(folder / f"trace-{name}-{phase}.json"))
+        events = profiler.key_averages()
+        total = sum(self_time(e) for e in events)
+        top = sorted(events, key=self_time, reverse=True)[:PROFILE_ROWS]
+        what = f"prefill of {load.name} ({load.tokens} tokens)" if phase == "prefill" else "one decoding step"
+        lines += [f"{name}, first decoder layer, {what}: {total / 1e3:.3f} ms of self "
+                  f"{'CUDA' if device.type == 'cuda' else 'CPU'} time, the top {len(top)} operations",
+                  columns(["operation", "calls", "self ms", "%"],
+                          [[e.key[:70], str(e.count), f"{self_time(e) / 1e3:.3f}", f"{100 * self_time(e) / total:.1f}"]
+                           for e in top], left=1)]
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
 # Reporting
 
 
@@ -390,7 +664,8 @@ def scaling(rows: list[dict]) -> list[str]:
     """Log-log slopes of prefill time against tokens (successive pairs, and the longest three) and the crossover."""
     lines = []
     for series, pick in (("visual", lambda r: r["frames"] > 0), ("text-only", lambda r: r["frames"] == 0)):
-        points = sorted((r for r in rows if pick(r) and all(r[m]["prefill_s"] for m in MODELS)), key=lambda r: r["tokens"])
+        points = sorted((r for r in rows if pick(r) and all(r[m]["prefill_s"] for m in MODELS)),
+                        key=lambda r: r["tokens"])
         if len(points) < 2:
             continue
         tokens = [r["tokens"] for r in points]
@@ -402,9 +677,10 @@ def scaling(rows: list[dict]) -> list[str]:
                          f"(successive: {pairs})")
         faster = [r["linmu"]["prefill_s"] < r["attention"]["prefill_s"] for r in points]
         wins = next((i for i in range(len(points)) if all(faster[i:])), None)
-        lines.append(f"  {series:9s} crossover: " + ("LinMU's prefill is not faster at any measured length" if wins is None
+        crossover = ("LinMU's prefill is not faster at any measured length" if wins is None
                      else f"LinMU's prefill is faster from {tokens[wins]} tokens on"
-                     + (f" (attention faster at {tokens[wins - 1]})" if wins else " (every measured length)")))
+                     + (f" (attention faster at {tokens[wins - 1]})" if wins else " (every measured length)"))
+        lines.append(f"  {series:9s} crossover: {crossover}")
     return lines
 
 
@@ -443,6 +719,66 @@ def table(rows: list[dict], batch: int) -> str:
     rule = ["-" * 14, "-" * 8] + ["-" * max(8, len(h)) for h in table_head(batch)[2:]]
     return "\n".join(table_line(cells, batch) for cells in [table_head(batch), rule]
                      + [table_cells(r, batch) for r in rows])
+
+
+def columns(head: list[str], rows: list[list[str]], left: int) -> str:
+    """A table indented by two spaces, each column as wide as its widest cell: the first `left` columns flush
+    left (names), the others flush right (numbers)."""
+    widths = [max(len(cells[i]) for cells in [head, *rows]) for i in range(len(head))]
+    line = lambda cells: "  ".join(c.ljust(w) if i < left else c.rjust(w)
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join("  " + line(cells) for cells in [head, *rows])
+
+
+def percent(rate: float | None, peak: float | None) -> str:
+    return "-" if rate is None or peak is None else f"{100 * rate / peak:.1f}"
+
+
+PREFILL_LIMITS_HEAD = ["workload", "variant", "tokens", "attn GFLOP", "LinMU GFLOP", "FLOP ratio", "speedup",
+                       "attn TFLOP/s", "LinMU TFLOP/s", "attn % peak", "LinMU % peak"]
+
+
+def prefill_limits(rows: list[dict], peak: dict) -> str:
+    """Per workload and variant: each model's prefill work (prefill_flops), the FLOP rate it reached and its share of
+    the peak, and the FLOP ratio (the speedup equal rates would give) next to the measured speedup."""
+    gflop = lambda m: fmt(m["prefill_flops"] / 1e9 if "prefill_flops" in m else None, ".4g")
+    cells = [[r["workload"], r["variant"], str(r["tokens"]), gflop(a), gflop(s),
+              ratio(a.get("prefill_flops"), s.get("prefill_flops")), ratio(a["prefill_s"], s["prefill_s"]),
+              fmt(a.get("prefill_tflop_s"), ".3g"), fmt(s.get("prefill_tflop_s"), ".3g"),
+              percent(a.get("prefill_tflop_s"), peak["tflops"]), percent(s.get("prefill_tflop_s"), peak["tflops"])]
+             for r in rows for a, s in [(r["attention"], r["linmu"])]]
+    return columns(PREFILL_LIMITS_HEAD, cells, left=2)
+
+
+DECODE_LIMITS_HEAD = ["workload", "variant", "batch", "attn tok/s", "LinMU tok/s", "speedup", "attn MB/step",
+                      "LinMU MB/step", "byte ratio", "attn GB/s", "LinMU GB/s", "attn % peak", "LinMU % peak",
+                      "attn cache MiB", "LinMU cache MiB"]
+
+
+def decoding(m: dict, b: int) -> dict:
+    """One model's decoding figures at batch b from its row, None where not measured, and its tokens/s as a cell."""
+    tokens_per_s = m.get(f"decode_tok_s_b{b}")
+    step = m["step_weight_bytes"] + b * m["step_sequence_bytes"] if "step_weight_bytes" in m else None
+    return dict(tokens_per_s=tokens_per_s, step=step, gb_s=m.get(f"decode_gb_s_b{b}"),
+                cache_mib=m.get(f"decode_cache_mib_b{b}"),
+                cell="does not fit" if f"decode_tok_s_b{b}" in m and tokens_per_s is None else fmt(tokens_per_s, ".1f"))
+
+
+def decode_limits(rows: list[dict], batches: list[int], peak: dict) -> str:
+    """Per workload, variant and batch size: each model's tokens/s ("does not fit" where its caches do not), the
+    bytes a step moves (step_bytes) and the rate reached, its share of the peak, the caches held, and the byte ratio
+    (the speedup equal rates would give) next to the measured speedup."""
+    cells = []
+    for r in rows:
+        for b in batches:
+            a, s = (decoding(r[name], b) for name in MODELS)
+            cells.append([r["workload"], r["variant"], str(b), a["cell"], s["cell"],
+                          ratio(s["tokens_per_s"], a["tokens_per_s"]),
+                          fmt(a["step"] and a["step"] / 1e6, ".4g"), fmt(s["step"] and s["step"] / 1e6, ".4g"),
+                          ratio(a["step"], s["step"]), fmt(a["gb_s"], ".3g"), fmt(s["gb_s"], ".3g"),
+                          percent(a["gb_s"], peak["gbs"]), percent(s["gb_s"], peak["gbs"]),
+                          fmt(a["cache_mib"], ".4g"), fmt(s["cache_mib"], ".4g")])
+    return columns(DECODE_LIMITS_HEAD, cells, left=2)
 
 
 MIXER_HEAD = f"  {'tokens':>7s}  {'attention s':>11s}  {'M-MATE s':>8s}  speedup"
@@ -505,7 +841,8 @@ def machine(device: torch.device) -> str:
         return f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
     model = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M) \
         if Path("/proc/cpuinfo").is_file() else None
-    return f"{model.group(1) if model else platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    name = model.group(1) if model else platform.processor() or platform.machine()
+    return f"{name}, {torch.get_num_threads()} threads"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -537,7 +874,8 @@ def variants_arg(text: str) -> list[str]:
 
 @user_errors("bench.py")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0] + " Defaults depend on the device "
+    parser = argparse.ArgumentParser(prog="bench.py",
+                                     description=__doc__.split("\n\n")[0] + " Defaults depend on the device "
                                      "(shown as cpu / cuda); see the module docstring for what is measured.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG),
@@ -576,15 +914,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int,
                         help="greedy decoding steps timed for throughput (default: cpu "
                              f"{DEFAULTS['cpu']['new_tokens']}, cuda {DEFAULTS['cuda']['new_tokens']})")
-    parser.add_argument("--batch", type=int,
-                        help=f"the larger decoding batch (default: cpu {DEFAULTS['cpu']['batch']}, "
-                             f"cuda {DEFAULTS['cuda']['batch']})")
+    parser.add_argument("--batch", type=int_list,
+                        help="decoding batch sizes besides 1 (always measured), comma-separated, empty for none "
+                             f"(default: cpu {DEFAULTS['cpu']['batch']}; cuda powers of two from 8 up to the most "
+                             "sequences whose teacher cache at the longest workload fits --memory-budget-mib, and "
+                             "that most)")
+    parser.add_argument("--memory-budget-mib", type=float,
+                        help="memory, in MiB, that a decoding batch's caches may take beside the batch-1 prefill's; a "
+                             "batch over it is not run and reported as 'does not fit' (default: the memory free once "
+                             "the models are built: CUDA's free memory, a CPU's MemAvailable)")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="the device's peak dense TFLOP/s in --dtype, for the '%% of peak' columns (default: "
+                             "configs/cards.json's figure for a known CUDA card in bfloat16, else unknown)")
+    parser.add_argument("--peak-gbs", type=float,
+                        help="the device's peak memory GB/s, for the '%% of peak' columns (default: "
+                             "configs/cards.json's figure for a known CUDA card, else unknown)")
+    parser.add_argument("--profile", metavar="WORKLOAD",
+                        help="instead of timing, profile the first decoder layer of each model (eager) on this "
+                             "workload, named as the table names it (e.g. 'video 64 s'; the workloads come from "
+                             "--frames, --lengths and --tiles): its prefill and one decoding step, printing the top "
+                             "operations by device time; with --json FOLDER, writes their Chrome traces there")
     parser.add_argument("--variants", type=variants_arg,
                         help="eager, compile (torch.compile'd layers) or eager,compile (default: cpu "
                              f"{DEFAULTS['cpu']['variants']}, cuda {DEFAULTS['cuda']['variants']})")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before each measurement (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported (default: %(default)s)")
-    parser.add_argument("--json", help="also write the results, machine-readable, to this file")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed runs before each measurement (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs; the median is reported (default: %(default)s)")
+    parser.add_argument("--json", help="also write the results, machine-readable, to this file; with --profile, a "
+                                       "folder (created if need be) for the Chrome traces")
     parser.add_argument("--plot", default="bench.png",
                         help="PNG of TTFT and throughput against video length, when matplotlib is installed "
                              "(default: %(default)s)")
@@ -593,12 +951,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
     for name, value in defaults.items():
         if getattr(args, name) is None:
-            setattr(args, name, int_list(value) if name in ("frames", "lengths", "mixer_lengths") else
-                    variants_arg(value) if name == "variants" else value)
-    check_bounds(args, at_least={"threads": 1, "new_tokens": 1, "batch": 1, "repeats": 1,
-                                 "layers": 0, "vision_frames": 0, "warmup": 0})
+            setattr(args, name, int_list(value) if name in ("frames", "lengths", "mixer_lengths", "batch") and value
+                    else variants_arg(value) if name == "variants" else value)
+    check_bounds(args, at_least={"threads": 1, "new_tokens": 1, "repeats": 1, "layers": 0, "vision_frames": 0,
+                                 "warmup": 0}, above={"memory_budget_mib": 0, "peak_tflops": 0, "peak_gbs": 0})
     args.device = device
     return args
+
+
+@user_errors("bench.py")
+def profile_target(args, loads: list[Workload]) -> tuple[Workload, Path | None]:
+    """The workload --profile names, and the folder --json names for the traces (created), or None."""
+    load = next((w for w in loads if w.name == args.profile), None)
+    if load is None:
+        raise InputError(f"--profile {args.profile!r}: no such workload; these flags give "
+                         + ", ".join(repr(w.name) for w in loads))
+    folder = None if args.json is None else Path(args.json)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    return load, folder
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -610,6 +981,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     models = dict(zip(MODELS, (teacher, student)))
     config, layers = teacher.config, len(decoder_layers(teacher))
     loads = workloads(config, args.tiles, args.frames, args.lengths)
+    if args.profile is not None:
+        load, folder = profile_target(args, loads)
+        print(f"bench.py --profile: LinMU student vs attention teacher on {machine(device)}\n"
+              f"torch {torch.__version__}, {device}, {str(dtype).removeprefix('torch.')}, {source}; LinMU's "
+              f"{tuning_for(device)}", flush=True)
+        for name, model in models.items():
+            print("\n".join(profile_layer(model, name, load, device, folder)), flush=True)
+        print(f"Chrome traces written to {folder}" if folder else "no Chrome traces: pass --json FOLDER for them")
+        return []
+    if args.memory_budget_mib is None:
+        free = free_memory(device)
+        args.memory_budget_mib = None if free is None else free / 2**20
+    longest = max(loads, key=lambda w: w.tokens)
+    teacher_cache = step_bytes(config, layers, longest.tokens + args.new_tokens, dtype).cache
+    most = None if args.memory_budget_mib is None else most_sequences(teacher_cache, args.memory_budget_mib * 2**20)
+    if args.batch is None:  # CUDA's default: up to the most sequences the teacher's cache fits at the longest workload
+        args.batch = default_batches(most)
+    largest = max(decode_batches(args))
+    peak = peak_rates(args, device, dtype)
 
     header = [f"bench.py: LinMU student vs attention teacher on {machine(device)}",
               f"torch {torch.__version__}, {device}, {str(dtype).removeprefix('torch.')}, {source}; decoder "
@@ -618,16 +1008,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{tuning_for(device)}",
               f"median of {args.repeats} after {args.warmup} warm-up; decoding {args.new_tokens} tokens "
               f"({'CUDA graphs' if device.type == 'cuda' else 'eager'}); vision encoder timed for at most "
-              f"{args.vision_frames} frames, TTFT = vision encoder + prefill"]
+              f"{args.vision_frames} frames, TTFT = vision encoder + prefill",
+              f"decoding batches {', '.join(map(str, decode_batches(args)))}; memory budget for a batch's caches "
+              + ("unknown: every batch is run" if args.memory_budget_mib is None else
+                 f"{args.memory_budget_mib:.6g} MiB, in which the teacher's caches at {longest.name} "
+                 f"({teacher_cache / 2**20:.4g} MiB a sequence) fit {most} sequences beside the batch-1 prefill's"),
+              peak["line"]]
     print("\n".join(header), flush=True)
     rows, mixers, slopes = [], [], []
     results = lambda: {"header": header, "machine": machine(device), "torch": torch.__version__, "device": str(device),
                        "dtype": str(dtype).removeprefix("torch."), "source": source, "decoder_layers": layers,
                        "settings": {k: v for k, v in vars(args).items() if k not in ("device",)},
-                       "results": rows, "scaling": slopes, "mixers": mixers}
+                       "peak": {"tflops": peak["tflops"], "gbs": peak["gbs"]}, "results": rows, "scaling": slopes,
+                       "mixers": mixers}
     runs = (len(args.variants) * len(loads) + len(args.mixer_lengths)) * len(MODELS)
     with tqdm(total=runs, desc="bench", unit="run") as bar:
-        bar.write(table_line(table_head(args.batch), args.batch))
+        bar.write(table_line(table_head(largest), largest))
         for variant in args.variants:
             if variant == "compile":
                 for model in models.values():
@@ -650,7 +1046,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         row[name]["ttft_s"] = row["vision_s"] + row[name]["prefill_s"]
                     bar.update()
                 rows.append(row)
-                bar.write(table_line(table_cells(row, args.batch), args.batch))
+                bar.write(table_line(table_cells(row, largest), largest))
                 if args.json:
                     write_json(args.json, results())
         if args.mixer_lengths:
@@ -662,7 +1058,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 write_json(args.json, results())
 
     print("\n" + "\n".join(header))
-    print(table(rows, args.batch))
+    print(table(rows, largest))
+    print("prefill against its limit: the matmul FLOPs counted from the sizes and the layout (as FlopCounterMode "
+          "counts them), the rate reached; FLOP ratio = attention's FLOPs / LinMU's, the speedup equal rates would "
+          f"give; {peak['line']}")
+    print(prefill_limits(rows, peak))
+    print("decoding against its limit: tokens/s; the bytes a step moves (the weights once, each sequence's caches "
+          "read and what changes written) and the rate reached; byte ratio = attention's / LinMU's; the caches held; "
+          + peak["line"])
+    print(decode_limits(rows, decode_batches(args), peak))
     compiled = [r for r in rows if r["variant"] == "compile"]
     if compiled:
         print("compile time (warm-up less timed runs, s): " + ", ".join(

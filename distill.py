@@ -587,7 +587,7 @@ def run_stage(args: argparse.Namespace) -> dict:
         raise InputError(f"{len(samples)} samples cannot spare {args.eval_samples} for evaluation: "
                          "give more samples or lower --eval-samples")
     tuning = tuning_for(torch.device(args.device))
-    student = tune(load_model(init, args.device), tuning)
+    student = tune(load_model(init, args.device), replace(tuning, fused=False))  # it trains: no fused copies
     teacher = tune(load_model(teacher_path, args.device), tuning).requires_grad_(False)
     held_out = SampleBatches(samples[:args.eval_samples], processor, cfg.batch_size, cfg.seed, args.device, shuffle=False)
     batches = SampleBatches(samples[args.eval_samples:], processor, cfg.batch_size, cfg.seed, args.device)

@@ -410,9 +410,9 @@ class FlexMA(nn.Module):
         exclusive = torch.arange(len(convs) * batch, device=xBC.device) >= batch  # the backward direction's
         out, state = ssd_scan(x, torch.cat(steps), -self.A_log.exp(), B, C, chunking.chunk_size,
                               chunking.chunks_per_block, exclusive=exclusive)  # (d B, L, H, P)
-        y = out[:batch] + self.D[:, None] * x[:batch]
+        y = torch.addcmul(out[:batch], self.D[:, None], x[:batch])  # + D x_t
         if visual is not None:  # back in the original order, to visual tokens only
-            y = y + out[batch:].flip(1) * visual[..., None, None]
+            y.addcmul_(out[batch:].flip(1), visual[..., None, None])
         return y, state[:batch]
 
     def _output(self, y: Tensor, z: Tensor) -> Tensor:
@@ -440,14 +440,18 @@ class FlexMA(nn.Module):
         real = torch.arange(length, device=u.device) < lengths[:, None]  # (B, L)
         dt = F.softplus(dt + self.dt_bias) * real[..., None]  # (B, L, H)
         y, ssm = self._scan(xBC, dt, visual, chunking)  # (B, L, H, P)
-        K = self.conv_forward.kernel_size[0]
-        last = lengths[:, None] - (K - 1) + torch.arange(K - 1, device=u.device)  # (B, K-1) the last real positions
-        conv_state = xBC.gather(1, last.clamp(min=0)[..., None].expand(-1, -1, xBC.shape[-1]))  # (B, K-1, C)
-        conv_state = torch.where(last[..., None] >= 0, conv_state, 0).transpose(1, 2)  # (B, C, K-1): 0 before the first
         out = self._output(y, z)
         if scan is not None:
             out = out.gather(1, scan[1][..., None].expand_as(out))  # back in the prompt's order
-        return out, FlexMACache(conv_state, ssm)
+        return out, FlexMACache(self.conv_state(xBC, lengths), ssm)
+
+    def conv_state(self, xBC: Tensor, lengths: Tensor) -> Tensor:
+        """The decoding cache's conv inputs: each sequence's last K-1 real inputs of xBC (B, L, conv_dim),
+        lengths (B,) real tokens, zeros before the first token -> (B, conv_dim, K-1)."""
+        K = self.conv_forward.kernel_size[0]
+        last = lengths[:, None] - (K - 1) + torch.arange(K - 1, device=xBC.device)  # (B, K-1) the last real positions
+        state = xBC.gather(1, last.clamp(min=0)[..., None].expand(-1, -1, xBC.shape[-1]))  # (B, K-1, C)
+        return torch.where(last[..., None] >= 0, state, 0).transpose(1, 2)  # (B, C, K-1): 0 before the first
 
     def step(self, u: Tensor, cache: FlexMACache) -> Tensor:
         """One new text token, O(1) in the context length: u (B, 1, D) -> (B, 1, D); the cache is updated in place."""
@@ -654,19 +658,26 @@ class LocalSwin(AttentionProjections):
         """Full-sequence pass: x (B, L, D) -> (B, L, D) and the text window's ring for decoding, which
         holds each sequence's last W - 1 real tokens (lengths (B,), right padding after them, as in
         TokenLayout; None for none)."""
-        batch, length, _ = x.shape
-        q, k, v = (t.flatten(0, 1) for t in self.qkv(x, *rope))  # (B * L, h, Dh)
+        out, ring = self.attend_windows(*self.qkv(x, *rope), windows, lengths)
+        return self.o_proj(out), ring
+
+    def attend_windows(self, q: Tensor, k: Tensor, v: Tensor, windows: LocalWindows,
+                       lengths: Tensor | None) -> tuple[Tensor, KVCache]:
+        """The prompt's windows: q (B, L, H, Dh), k and v (B, L, Hkv, Dh) -> the attention's output
+        (B, L, H Dh), before o_proj, and the ring of the text window (speed.FusedMMATE projects its own q, k, v)."""
+        batch, length = q.shape[:2]
+        q, k, v = (t.flatten(0, 1) for t in (q, k, v))  # (B * L, h, Dh)
         slots = torch.cat([self.attend(q, k, v, w).flatten(0, 1) for w in windows.present])  # every query slot
         out = slots[windows.source]  # (B * L, H, Dh): each token's output, from the window that gives it
         # the ring: position p in slot p mod W. Of a sequence of n real tokens, slot s holds the p = s mod W
         # in [n - W, n): the last W - 1 real tokens, and in slot n mod W the one the next token overwrites
         # (slots of positions before the prompt, p < 0, get any finite values: masked until overwritten)
         W = self.text_window
-        n = torch.full((batch, 1), length, device=x.device) if lengths is None else lengths[:, None]
-        held = n - W + (torch.arange(W, device=x.device) - n) % W  # (B, W) the position in each slot
+        n = torch.full((batch, 1), length, device=q.device) if lengths is None else lengths[:, None]
+        held = n - W + (torch.arange(W, device=q.device) - n) % W  # (B, W) the position in each slot
         index = held.clamp(min=0)[:, None, :, None].expand(-1, self.num_kv_heads, -1, self.head_dim)  # (B, Hkv, W, Dh)
         ring = [t.unflatten(0, (batch, length)).transpose(1, 2).gather(2, index) for t in (k, v)]  # (B, Hkv, W, Dh)
-        return self.o_proj(out.unflatten(0, (batch, length)).flatten(2)), KVCache(*ring)
+        return out.unflatten(0, (batch, length)).flatten(2), KVCache(*ring)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, windows: Windows) -> Tensor:
         """One kind of window over the prompt's flat tokens -> (W, Sq, H, Dh) (window_attention)."""
@@ -675,10 +686,14 @@ class LocalSwin(AttentionProjections):
     def step(self, x: Tensor, rope: tuple[Tensor, Tensor], position: Tensor, cache: KVCache) -> Tensor:
         """One new text token per sequence, at its own position ((B,) long): x (B, 1, D) attends to its
         ring and itself -> (B, 1, D)."""
-        q, k, v = self.qkv(x, *rope)
+        return self.o_proj(self.attend_ring(*self.qkv(x, *rope), position, cache))
+
+    def attend_ring(self, q: Tensor, k: Tensor, v: Tensor, position: Tensor, cache: KVCache) -> Tensor:
+        """One new token per sequence at its position ((B,) long): its key and value k, v (B, 1, Hkv, Dh)
+        into the ring, its query q (B, 1, H, Dh) over the ring -> (B, 1, H Dh), before o_proj."""
         cache.write(position % self.text_window, k, v)
-        filled = torch.arange(self.text_window, device=x.device) <= position[:, None]  # (B, W): all once p >= W - 1
-        return self.o_proj(cached_attention(q, cache, filled))
+        filled = torch.arange(self.text_window, device=q.device) <= position[:, None]  # (B, W): all once p >= W - 1
+        return cached_attention(q, cache, filled)
 
 
 # ----------------------------------------------------------------------------------------------

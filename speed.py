@@ -8,6 +8,8 @@ computation fast on a given device, and each of its paths is tested equal to the
     settings";
   * pieces: on a CPU, a long prompt is worked through a piece of tokens at a time, by piecewise
     subclasses of the model's modules that tune() swaps in (the same parameters, the same results);
+  * fused layers: on a GPU, fused subclasses that tune() swaps in, with one input projection per
+    mixer and MLP, for the teacher and the student alike;
   * compile_model: torch.compile of every layer, one graph for every prompt length;
   * decoder: the decoding step recorded once as a CUDA graph, then replayed.
 """
@@ -21,8 +23,9 @@ import torch.fx.experimental._config
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from linmu import MMATE, Chunking, FlexMA, LocalSwin, Windows, ssd_scan, window_attention
-from smolvlm import VLM, DecoderLayer, TextModel
+from linmu import (MMATE, Chunking, FlexMA, FlexMACache, LocalSwin, MMATECache, PromptPlan, Windows, apply_rotary,
+                   ssd_scan, window_attention)
+from smolvlm import MLP, VLM, Attention, DecoderLayer, TextModel
 
 # ----------------------------------------------------------------------------------------------
 # Per-device settings
@@ -38,15 +41,24 @@ class Tuning:
       few large kernels per layer instead of many small ones.
     chunking: the SSD scan's chunk length and block of chunks (linmu.Chunking). A GPU takes the
       longer chunk for its lower peak memory, a CPU the shorter for speed.
+    fused: the decoder's projections fused (see "Fused layers" below), for whole prompts only. The
+      fused weights are computed from the parameters when tune() runs and get no gradient: a model
+      that trains is tuned unfused (distill.py's student), one that does not is fused where it runs
+      whole prompts (the teacher, generation, bench.py).
     The values of TUNING are measured: RESULTS.md, "Device settings".
     """
 
     piece_tokens: int | None
     chunking: Chunking
+    fused: bool = False
+
+    def __post_init__(self):
+        if self.fused and self.piece_tokens is not None:
+            raise ValueError("fused layers read whole prompts: a Tuning with piece_tokens is not fused")
 
 
 TUNING = {"cpu": Tuning(piece_tokens=2048, chunking=Chunking(chunk_size=32, chunks_per_block=8)),
-          "cuda": Tuning(piece_tokens=None, chunking=Chunking(chunk_size=128, chunks_per_block=16))}
+          "cuda": Tuning(piece_tokens=None, chunking=Chunking(chunk_size=128, chunks_per_block=16), fused=True)}
 
 
 def tuning_for(device: torch.device) -> Tuning:
@@ -58,14 +70,21 @@ def tune(model: nn.Module, tuning: Tuning) -> nn.Module:
     """Apply a device's settings to a model (a VLM, or any module holding the model's parts), in place.
 
     Its decoder's scans take tuning.chunking; with tuning.piece_tokens, each FlexMA, LocalSwin, MMATE
-    and DecoderLayer becomes its piecewise subclass below (the same parameters and state_dict), and
-    without, the plain class again."""
+    and DecoderLayer becomes its piecewise subclass below, with tuning.fused each MLP, Attention and
+    M-MATE layer (both branches) its fused subclass, and otherwise the plain class again: the same
+    parameters and state_dict whatever the class. Fused weights are made when tune() runs: tune after
+    moving the model to its device and dtype (which copies parameters and buffers apart)."""
     for module in model.modules():
         if isinstance(module, TextModel):
             module.chunking = tuning.chunking
         plain = PLAIN.get(type(module), type(module))
-        if plain in PIECEWISE:
-            module.__class__ = PIECEWISE[plain] if tuning.piece_tokens is not None else plain
+        for name in getattr(module, "fused_buffers", ()):  # a previous tuning's fused weights
+            delattr(module, name)
+        if tuning.fused and plain in FUSED and getattr(module, "branches", "both") == "both":
+            module.__class__ = FUSED[plain]
+            module.fuse()
+        elif plain in PIECEWISE or plain in FUSED:
+            module.__class__ = PIECEWISE[plain] if tuning.piece_tokens is not None and plain in PIECEWISE else plain
             module.piece_tokens = tuning.piece_tokens
     return model
 
@@ -174,7 +193,126 @@ class PiecewiseDecoderLayer(DecoderLayer):
 
 PIECEWISE = {FlexMA: PiecewiseFlexMA, LocalSwin: PiecewiseLocalSwin, MMATE: PiecewiseMMATE,
              DecoderLayer: PiecewiseDecoderLayer}
-PLAIN = {piecewise: plain for plain, piecewise in PIECEWISE.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused layers: fewer and larger kernels per layer, for the teacher and the student alike
+
+
+def share(module: nn.Module, name: str, parts: list[Tensor], dim: int = 0) -> None:
+    """Register on module the non-persistent buffer `name`, the tensors `parts` concatenated along
+    dim, and make each part that is a parameter a view of it: the fused weight and the parameters
+    are one copy of the weights, the checkpoint still holds the parameters under their own names,
+    and a checkpoint loaded into them is the fused weight too."""
+    whole = torch.cat([part.detach() for part in parts], dim)
+    for part, view in zip(parts, whole.split([part.shape[dim] for part in parts], dim)):
+        if isinstance(part, nn.Parameter):
+            part.data = view
+    module.register_buffer(name, whole, persistent=False)
+
+
+def rotate_qkv(qkv: Tensor, heads: int, kv_heads: int, head_dim: int, cos: Tensor,
+               sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One projection's [q | k | v] (B, n, (H + 2 Hkv) Dh) -> q (B, n, H, Dh), k and v (B, n, Hkv, Dh),
+    RoPE on q and k in one pass (AttentionProjections.qkv)."""
+    qk, v = qkv.unflatten(-1, (heads + 2 * kv_heads, head_dim)).split([heads + kv_heads, kv_heads], dim=2)
+    q, k = apply_rotary(qk, cos, sin).split([heads, kv_heads], dim=2)
+    return q, k, v
+
+
+class FusedMLP(MLP):
+    """The MLP with gate_proj and up_proj as one matmul."""
+
+    fused_buffers = ("gate_up",)
+
+    def fuse(self) -> None:
+        share(self, "gate_up", [self.gate_proj.weight, self.up_proj.weight])
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class FusedAttention(Attention):
+    """The teacher's attention with q_proj, k_proj and v_proj as one matmul (gpt-fast's wqkv)."""
+
+    fused_buffers = ("wqkv",)
+
+    def fuse(self) -> None:
+        share(self, "wqkv", [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return rotate_qkv(F.linear(x, self.wqkv), self.num_heads, self.num_kv_heads, self.head_dim, cos, sin)
+
+
+class FusedMMATE(MMATE):
+    """M-MATE with one input and one output projection.
+
+    Both branches read the same input, so one matmul gives all they and the gate read:
+    [z | x B C | dt | q k v | gate logit], with z_bias, dt_bias and the gate's bias as its bias.
+    The gate then folds into one output projection, exactly:
+        g * out_proj(a) + (1 - g) * o_proj(b) = [out_proj | o_proj] @ [g a ; (1 - g) b].
+    Flex-MA's scan, Local-Swin's windows and ring are the plain modules' own code; the decoding
+    step's recurrence is written here with few operations (FlexMA.step is its reference).
+    """
+
+    fused_buffers = ("w_in", "b_in", "w_out", "A")
+
+    def fuse(self) -> None:
+        flex, swin = self.flex, self.swin
+        qkv = swin.q_proj.weight, swin.k_proj.weight, swin.v_proj.weight
+        share(self, "w_in", [flex.in_proj.weight, *qkv, self.gate.weight])
+        share(self, "b_in", [flex.z_bias, flex.z_bias.new_zeros(flex.conv_dim), flex.dt_bias,
+                             flex.z_bias.new_zeros(sum(w.shape[0] for w in qkv)), self.gate.bias])
+        share(self, "w_out", [flex.out_proj.weight, swin.o_proj.weight], dim=1)
+        self.register_buffer("A", -flex.A_log.detach().exp()[:, None, None], persistent=False)  # (H, 1, 1)
+
+    def _project(self, x: Tensor) -> tuple[Tensor, ...]:
+        """x (B, n, D) -> z, xBC, dt (softplus'ed), qkv and the gate g, each (B, n, ...)."""
+        flex, swin = self.flex, self.swin
+        sizes = [flex.d_inner, flex.conv_dim, flex.heads, (swin.num_heads + 2 * swin.num_kv_heads) * swin.head_dim, 1]
+        z, xBC, dt, qkv, gate = F.linear(x, self.w_in, self.b_in).split(sizes, dim=-1)
+        return z, xBC, F.softplus(dt), qkv, torch.sigmoid(gate)
+
+    def _mix(self, z: Tensor, y: Tensor, attention: Tensor, g: Tensor) -> Tensor:
+        """Flex-MA's output gate and norm (FlexMA._output before out_proj), then both branches'
+        output projections and the gate as one matmul: y (B, n, H, P), z (B, n, H P), attention
+        (B, n, H Dh), g (B, n, 1) -> (B, n, D)."""
+        flex = self.flex
+        normed = flex.norm(y * F.silu(z).unflatten(-1, (flex.heads, flex.head_dim))).flatten(2)
+        return F.linear(torch.cat([normed * g, attention * (1 - g)], dim=-1), self.w_out)
+
+    def forward(self, x: Tensor, plan: PromptPlan) -> tuple[Tensor, MMATECache]:
+        flex, swin = self.flex, self.swin
+        z, xBC, dt, qkv, g = self._project(x)
+        dt = dt * (torch.arange(x.shape[1], device=x.device) < plan.lengths[:, None])[..., None]  # padding: dt = 0
+        if plan.scan is not None:  # Flex-MA reads the prompt in this layer's Rotary Major-Scan order
+            xBC, dt = (t.gather(1, plan.scan[0][..., None].expand_as(t)) for t in (xBC, dt))
+        y, ssm = flex._scan(xBC, dt, plan.visual, plan.chunking)  # (B, L, H, P)
+        if plan.scan is not None:
+            y = y.gather(1, plan.scan[1][..., None, None].expand_as(y))  # back in the prompt's order
+        attention, ring = swin.attend_windows(*rotate_qkv(qkv, swin.num_heads, swin.num_kv_heads, swin.head_dim,
+                                                          *plan.rope), plan.windows, plan.lengths)
+        return self._mix(z, y, attention, g), MMATECache(FlexMACache(flex.conv_state(xBC, plan.lengths), ssm), ring)
+
+    def step(self, x: Tensor, rope: tuple[Tensor, Tensor], position: Tensor, cache: MMATECache) -> Tensor:
+        flex, swin, state = self.flex, self.swin, cache.flex
+        z, xBC, dt, qkv, g = self._project(x)  # (B, 1, ...)
+        window = torch.cat([state.conv, xBC.mT], dim=-1)  # (B, C, K)
+        state.conv.copy_(window[..., 1:])
+        acc = state.ssm.dtype  # the scan's accumulation precision
+        features = F.silu(flex.conv_forward(window)).to(acc).view(-1, 3, flex.heads, 1, flex.head_dim)
+        row, B, C = features.unbind(1)  # (B, H, 1, P), (B, H, 1, N) twice
+        x_, dt = row.mT, dt.to(acc).view(-1, flex.heads, 1, 1)  # (B, H, P, 1), (B, H, 1, 1)
+        state.ssm.mul_(torch.exp(dt * self.A)).addcmul_(x_ * dt, B)  # (B, H, P, N)
+        y = torch.addcmul((state.ssm * C).sum(-1, keepdim=True), flex.D.view(-1, 1, 1), x_)  # (B, H, P, 1)
+        attention = swin.attend_ring(*rotate_qkv(qkv, swin.num_heads, swin.num_kv_heads, swin.head_dim, *rope),
+                                     position, cache.swin)
+        return self._mix(z, y.to(x.dtype).movedim(-1, 1), attention, g)
+
+
+FUSED = {MLP: FusedMLP, Attention: FusedAttention, MMATE: FusedMMATE}
+PLAIN = {fast: plain for plain, fast in [*PIECEWISE.items(), *FUSED.items()]}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -168,8 +168,8 @@ def make_batch(task: Task, size: int, seed: int) -> dict:
     # the tokens: the video, then questions about distinct shapes in frames 1.. T-1 (each has a move)
     asked = torch.stack([torch.randperm((T - 1) * W, generator=g)[:task.questions] for _ in range(size)])  # (B, Q)
     walker, frame = asked // (T - 1), asked % (T - 1) + 1  # (B, Q) each
-    frame = lambda t: [task.token(f"frame{t}")] + [task.token("<image>")] * G * G  # its marker, its cells
-    video = [task.token("<bos>")] + sum((frame(t) for t in range(T)), [])
+    marked = lambda t: [task.token(f"frame{t}")] + [task.token("<image>")] * G * G  # frame t: its marker, its cells
+    video = [task.token("<bos>")] + sum((marked(t) for t in range(T)), [])
     colour_ids = torch.tensor([task.token(c) for c in COLOURS])
     b = torch.arange(size)[:, None]
     qa = torch.stack([torch.full_like(asked, task.token("ask")), colour_ids[colours[b, walker, frame]],
