@@ -128,19 +128,36 @@ def model_inputs(batch: Batch) -> dict:
     return {k: batch.get(k) for k in ("input_ids", "pixel_values", "pixel_attention_mask", "grids")}
 
 
-def relative_error(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """sum ||s - t||^2 / sum ||t||^2 over the real tokens: (B, L, D), (B, L, D), (B, L) -> scalar."""
+@torch.no_grad()
+def teacher_pass(teacher: VLM, batch: Batch):
+    """The frozen teacher's output on a batch, hidden states included: what the student's loss regresses."""
+    return teacher(**model_inputs(batch), output_hidden_states=True)
+
+
+def relative_error(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
+                   norm: torch.Tensor) -> torch.Tensor:
+    """sum ||s - t||^2 over the real tokens / norm (the step's sum ||t||^2): (B, L, D), (B, L, D), (B, L) -> scalar."""
     diff = (student.float() - teacher.float()).pow(2).sum(-1)
-    return (diff * mask).sum() / (teacher.float().pow(2).sum(-1) * mask).sum()
+    return (diff * mask).sum() / norm
 
 
 def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
-             temperature: float) -> torch.Tensor:
-    """KL(teacher || student) per token at a temperature, times T^2, averaged over real tokens."""
+             temperature: float, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher || student) per token at a temperature, times T^2, summed over the real tokens and divided
+    by `tokens`: by default the batch's real tokens (a per-token mean); a step passes its global batch's."""
     t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     per_token = (t.exp() * (t - s)).sum(-1)  # (B, L)
-    return (per_token * mask).sum() / mask.sum() * temperature**2
+    return (per_token * mask).sum() / (mask.sum() if tokens is None else tokens) * temperature**2
+
+
+def loss_normalizers(target, batch: Batch) -> torch.Tensor:
+    """The denominators of the loss on a batch: its real tokens, and each decoder layer's sum of ||h_t||^2
+    over them (target: teacher_pass's output) -> (1 + layers,). A step adds them up over its micro-batches
+    before it takes any loss, so that its loss is that of all its samples as one batch."""
+    mask = batch["attention_mask"].to(torch.float32)
+    norms = [(h.float().pow(2).sum(-1) * mask).sum() for h in target.hidden_states[1:]]
+    return torch.stack([mask.sum(), *norms])
 
 
 def student_hidden_states(student: VLM, teacher_hidden: list[torch.Tensor], batch: Batch,
@@ -155,18 +172,23 @@ def student_hidden_states(student: VLM, teacher_hidden: list[torch.Tensor], batc
     return [layer(h, plan)[0] for layer, plan, h in zip(text.layers, plans, teacher_hidden[:-1])]
 
 
-def distill_loss(student: VLM, teacher: VLM, batch: Batch, cfg: DistillConfig) -> tuple[torch.Tensor, dict]:
-    """The stage loss on one batch -> (loss, {"hidden": ..., "kl": ...} as floats)."""
-    inputs = model_inputs(batch)
+def distill_loss(student: VLM, target, batch: Batch, cfg: DistillConfig,
+                 scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's share of its step's loss -> (loss, its terms [loss, hidden, kl] detached).
+
+    target: teacher_pass's output on the batch; scales: loss_normalizers summed over the step's
+    micro-batches. The errors are summed over the
+    batch's real tokens and divided by the step's totals, so that the shares of a step add up to its loss.
+    """
     mask = batch["attention_mask"].to(torch.float32)
-    with torch.no_grad():
-        target = teacher(**inputs, output_hidden_states=True)
-    out = student(**inputs, output_hidden_states=cfg.hidden_target == "stream")
+    out = student(**model_inputs(batch), output_hidden_states=cfg.hidden_target == "stream")
     hidden = student_hidden_states(student, target.hidden_states, batch, cfg, out.hidden_states)
-    hidden_loss = torch.stack([relative_error(s, t, mask) for s, t in zip(hidden, target.hidden_states[1:])]).mean()
-    kl = token_kl(out.logits, target.logits, mask, cfg.temperature)
+    tokens, norms = scales[0], scales[1:]
+    hidden_loss = torch.stack([relative_error(s, t, mask, norm)
+                               for s, t, norm in zip(hidden, target.hidden_states[1:], norms)]).mean()
+    kl = token_kl(out.logits, target.logits, mask, cfg.temperature, tokens)
     loss = cfg.hidden_weight * hidden_loss + cfg.kl_weight * kl
-    return loss, {"hidden": hidden_loss.item(), "kl": kl.item()}
+    return loss, torch.stack([loss, hidden_loss, kl]).detach()
 
 
 @torch.no_grad()
@@ -245,6 +267,27 @@ def restore_checkpoint(out_dir: Path, params: dict, optimizer, scheduler) -> int
     return state["step"]
 
 
+def accumulate_gradients(student: VLM, teacher: VLM, batches: list[Batch], cfg: DistillConfig) -> torch.Tensor:
+    """Forward and backward over the micro-batches of a step -> the step's [loss, hidden, kl].
+
+    The teacher runs on all of them first, so that the loss's normalizers are those of all the step's
+    samples (its outputs on the micro-batches are held at once: logits and hidden states, a fraction of
+    what a student pass keeps for its backward). Then each micro-batch's share of the loss is
+    backpropagated: the gradients are those of the step's samples as one batch.
+    """
+    on_cuda = next(teacher.parameters()).device.type == "cuda"
+    with torch.autocast("cuda", torch.bfloat16, enabled=on_cuda):  # bf16 on CUDA, float32 on CPU
+        targets = [teacher_pass(teacher, batch) for batch in batches]
+    scales = sum(loss_normalizers(target, batch) for target, batch in zip(targets, batches))
+    terms = 0
+    for batch, target in zip(batches, targets):
+        with torch.autocast("cuda", torch.bfloat16, enabled=on_cuda):
+            loss, share = distill_loss(student, target, batch, cfg, scales)
+        loss.backward()
+        terms = terms + share
+    return terms
+
+
 def train_stage(student: VLM, teacher: VLM, batch_at: Callable[[int], Batch], eval_batches: list[Batch],
                 cfg: DistillConfig, out_dir: Path | None = None, source: Path | None = None,
                 resume: bool = False, log: Callable[[str], None] = tqdm.write) -> dict:
@@ -253,7 +296,8 @@ def train_stage(student: VLM, teacher: VLM, batch_at: Callable[[int], Batch], ev
     batch_at(i) gives micro-batch i (the same i always gives the same batch, so a resumed run sees
     the data the interrupted one would have). Evaluates every cfg.eval_every steps and at the end,
     saves every cfg.save_every steps and at the end (if out_dir). Returns the last evaluation with
-    the training-loss history and each step's seconds (its batches, forward, backward and update).
+    the training-loss history (each step's loss, that of all its micro-batches) and each step's
+    seconds (its batches, forward, backward and update).
     """
     params = prepare_stage(student, cfg)
     optimizer = make_optimizer(params, cfg)
@@ -262,31 +306,27 @@ def train_stage(student: VLM, teacher: VLM, batch_at: Callable[[int], Batch], ev
     if cfg.compile:  # whole layers with dynamic shapes: one compilation serves every batch's length
         for model in (student, teacher):
             compile_model(model)
-    on_cuda = next(student.parameters()).device.type == "cuda"
     history, step_seconds = [], []
     bar = tqdm(range(first, cfg.steps), initial=first, total=cfg.steps, desc=f"stage {cfg.stage}")
     student.train()
     for step in bar:
-        started, tokens = time.perf_counter(), 0
+        started = time.perf_counter()
+        batches = [batch_at(step * cfg.grad_accum + micro) for micro in range(cfg.grad_accum)]
         optimizer.zero_grad(set_to_none=True)
-        for micro in range(cfg.grad_accum):
-            batch = batch_at(step * cfg.grad_accum + micro)
-            with torch.autocast("cuda", torch.bfloat16, enabled=on_cuda):  # bf16 on CUDA, float32 on CPU
-                loss, parts = distill_loss(student, teacher, batch, cfg)
-            if not torch.isfinite(loss):
-                where = f"; the last good checkpoint in {out_dir} is intact" if out_dir else ""
-                raise DivergenceError(f"stage {cfg.stage}: loss is {loss.item()} at step {step} (hidden {parts['hidden']}, "
-                                      f"kl {parts['kl']}): lower --lr (now {cfg.learning_rate:g}) or check the data{where}")
-            (loss / cfg.grad_accum).backward()
-            tokens += int(batch["attention_mask"].sum())
+        loss, hidden, kl = accumulate_gradients(student, teacher, batches, cfg).tolist()
+        if not math.isfinite(loss):
+            where = f"; the last good checkpoint in {out_dir} is intact" if out_dir else ""
+            raise DivergenceError(f"stage {cfg.stage}: loss is {loss} at step {step} (hidden {hidden}, kl {kl}): "
+                                  f"lower --lr (now {cfg.learning_rate:g}) or check the data{where}")
         torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.clip)
         optimizer.step()
         scheduler.step()
-        history.append(loss.item())
+        history.append(loss)
         step_seconds.append(time.perf_counter() - started)
         if cfg.compile and step == first:
             log(f"stage {cfg.stage}: the first step took {step_seconds[0]:.1f} s, torch.compile's compilation included")
-        bar.set_postfix(loss=f"{loss.item():.4f}", hidden=f"{parts['hidden']:.4f}", kl=f"{parts['kl']:.4f}",
+        tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+        bar.set_postfix(loss=f"{loss:.4f}", hidden=f"{hidden:.4f}", kl=f"{kl:.4f}",
                         tok_s=f"{tokens / (time.perf_counter() - started):.0f}")
         last = step + 1 == cfg.steps
         if eval_batches and not last and cfg.eval_every and (step + 1) % cfg.eval_every == 0:

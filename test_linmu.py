@@ -1390,7 +1390,9 @@ def test_each_stage_trains_exactly_its_parameters(pair, stage):
                 nn.init.normal_(m.lora_B, std=0.1)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     optimizer = distill.make_optimizer(params, cfg)
-    loss, _ = distill.distill_loss(student, teacher, batches(0), cfg)
+    batch = batches(0)
+    target = distill.teacher_pass(teacher, batch)
+    loss, _ = distill.distill_loss(student, target, batch, cfg, distill.loss_normalizers(target, batch))
     loss.backward()
     with_grad = {n for n, p in student.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert with_grad == set(params)
@@ -1474,9 +1476,11 @@ def test_compiled_and_eager_losses_agree(pair):
     cfg = distill.DistillConfig(stage=2)
     distill.prepare_stage(student, cfg)
     batch = batches(1)
-    eager, _ = distill.distill_loss(student, teacher, batch, cfg)
+    target = distill.teacher_pass(teacher, batch)
+    scales = distill.loss_normalizers(target, batch)
+    eager, _ = distill.distill_loss(student, target, batch, cfg, scales)
     linmu.compile_model(student)  # what distill.py --compile does
-    compiled, _ = distill.distill_loss(student, teacher, batch, cfg)
+    compiled, _ = distill.distill_loss(student, target, batch, cfg, scales)
     assert abs(compiled.item() - eager.item()) < 1e-4
 
 
@@ -1898,3 +1902,31 @@ def test_smoke_run_builds_converts_and_times_stage_one_at_a_tiny_size(tmp_path, 
                      printed)
     assert "peak memory" in printed and "ru_maxrss" in printed
     assert not Path(re.search(r" in (\S+) \(removed afterwards\)", printed)[1]).exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# 12. Distillation past one process: gradient accumulation, the DataLoader, torchrun with DDP
+
+
+def test_gradient_accumulation_trains_the_weights_of_one_batch_of_the_same_samples(tiny_hub):
+    """An optimizer step over 3 micro-batches of 1 sample trains the weights of a step over one batch of the
+    same 3 samples, and logs the step's loss, the whole batch's, not the last micro-batch's. In float64: AdamW's
+    first steps move a weight by about the learning rate whatever its gradient's size, so float32 rounding of
+    the tiniest gradients can move weights by more than 1e-5."""
+    import distill
+
+    teacher = load_model(tiny_hub, dtype=torch.float64).requires_grad_(False)
+    torch.manual_seed(0)  # synthetic_samples draws the images' sizes from the global RNG
+    processor, samples = P.Processor.from_pretrained(tiny_hub), distill.synthetic_samples(8, seed=0)
+    runs = []
+    for batch_size, grad_accum in [(3, 1), (1, 3)]:
+        cfg = distill.DistillConfig(stage=1, steps=3, warmup=1, batch_size=batch_size, grad_accum=grad_accum,
+                                    eval_every=0)
+        student = fresh_student(teacher)
+        result = distill.train_stage(student, teacher, distill.SampleBatches(samples, processor, batch_size, 0, "cpu"),
+                                     [], cfg)
+        runs.append((result["losses"], student.state_dict()))
+    (one_batch, weights), (accumulated, accumulated_weights) = runs
+    assert accumulated == pytest.approx(one_batch, rel=1e-6, abs=0)  # the loss's terms are taken in float32
+    assert all(torch.allclose(accumulated_weights[k], w, rtol=0, atol=1e-6) for k, w in weights.items())
+
