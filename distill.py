@@ -25,6 +25,7 @@ The logit term always runs the student end to end. toy.py measures both choices.
 Checkpoints are the Hub layout (config.json + model.safetensors + tokenizer files, loadable by
 `python linmu.py --model`, bench.py and the next stage) plus trainer.pt (the trained tensors,
 optimizer, schedule, step and RNG state), written atomically; --resume continues a stage exactly.
+A DataLoader's --workers prepare the batches while the step runs.
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ import argparse
 import copy
 import json
 import math
+import os
 import random
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -44,6 +47,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from convert import DEFAULT_STUDENT, DEFAULT_TEACHER
@@ -296,8 +300,8 @@ def train_stage(student: VLM, teacher: VLM, batch_at: Callable[[int], Batch], ev
     batch_at(i) gives micro-batch i (the same i always gives the same batch, so a resumed run sees
     the data the interrupted one would have). Evaluates every cfg.eval_every steps and at the end,
     saves every cfg.save_every steps and at the end (if out_dir). Returns the last evaluation with
-    the training-loss history (each step's loss, that of all its micro-batches) and each step's
-    seconds (its batches, forward, backward and update).
+    the training-loss history (each step's loss, that of all its micro-batches), each step's seconds
+    (its batches, forward, backward and update) and the seconds of each spent waiting for its batches.
     """
     params = prepare_stage(student, cfg)
     optimizer = make_optimizer(params, cfg)
@@ -306,42 +310,45 @@ def train_stage(student: VLM, teacher: VLM, batch_at: Callable[[int], Batch], ev
     if cfg.compile:  # whole layers with dynamic shapes: one compilation serves every batch's length
         for model in (student, teacher):
             compile_model(model)
-    history, step_seconds = [], []
-    bar = tqdm(range(first, cfg.steps), initial=first, total=cfg.steps, desc=f"stage {cfg.stage}")
+    history, step_seconds, data_seconds = [], [], []
     student.train()
-    for step in bar:
-        started = time.perf_counter()
-        batches = [batch_at(step * cfg.grad_accum + micro) for micro in range(cfg.grad_accum)]
-        optimizer.zero_grad(set_to_none=True)
-        loss, hidden, kl = accumulate_gradients(student, teacher, batches, cfg).tolist()
-        if not math.isfinite(loss):
-            where = f"; the last good checkpoint in {out_dir} is intact" if out_dir else ""
-            raise DivergenceError(f"stage {cfg.stage}: loss is {loss} at step {step} (hidden {hidden}, kl {kl}): "
-                                  f"lower --lr (now {cfg.learning_rate:g}) or check the data{where}")
-        torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.clip)
-        optimizer.step()
-        scheduler.step()
-        history.append(loss)
-        step_seconds.append(time.perf_counter() - started)
-        if cfg.compile and step == first:
-            log(f"stage {cfg.stage}: the first step took {step_seconds[0]:.1f} s, torch.compile's compilation included")
-        tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
-        bar.set_postfix(loss=f"{loss:.4f}", hidden=f"{hidden:.4f}", kl=f"{kl:.4f}",
-                        tok_s=f"{tokens / (time.perf_counter() - started):.0f}")
-        last = step + 1 == cfg.steps
-        if eval_batches and not last and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            student.eval()
-            report(cfg.stage, step + 1, evaluate(student, teacher, eval_batches), log)
-            student.train()
-        if out_dir is not None and (last or (cfg.save_every and (step + 1) % cfg.save_every == 0)):
-            save_checkpoint(student, out_dir, source, params, optimizer, scheduler, step + 1, cfg)
+    # A context: closed (its line ended) on an error too, before the error's line is printed.
+    with tqdm(range(first, cfg.steps), initial=first, total=cfg.steps, desc=f"stage {cfg.stage}") as bar:
+        for step in bar:
+            started = time.perf_counter()
+            batches = [batch_at(step * cfg.grad_accum + micro) for micro in range(cfg.grad_accum)]
+            data_seconds.append(time.perf_counter() - started)
+            optimizer.zero_grad(set_to_none=True)
+            loss, hidden, kl = accumulate_gradients(student, teacher, batches, cfg).tolist()
+            if not math.isfinite(loss):
+                where = f"; the last good checkpoint in {out_dir} is intact" if out_dir else ""
+                raise DivergenceError(f"stage {cfg.stage}: loss is {loss} at step {step} (hidden {hidden}, kl {kl}): "
+                                      f"lower --lr (now {cfg.learning_rate:g}) or check the data{where}")
+            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.clip)
+            optimizer.step()
+            scheduler.step()
+            history.append(loss)
+            step_seconds.append(time.perf_counter() - started)
+            if cfg.compile and step == first:
+                log(f"stage {cfg.stage}: the first step took {step_seconds[0]:.1f} s, "
+                    "torch.compile's compilation included")
+            tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+            bar.set_postfix(loss=f"{loss:.4f}", hidden=f"{hidden:.4f}", kl=f"{kl:.4f}", wait=f"{data_seconds[-1]:.2f}s",
+                            tok_s=f"{tokens / (time.perf_counter() - started):.0f}")
+            last = step + 1 == cfg.steps
+            if eval_batches and not last and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                student.eval()
+                report(cfg.stage, step + 1, evaluate(student, teacher, eval_batches), log)
+                student.train()
+            if out_dir is not None and (last or (cfg.save_every and (step + 1) % cfg.save_every == 0)):
+                save_checkpoint(student, out_dir, source, params, optimizer, scheduler, step + 1, cfg)
     student.eval()
     if cfg.stage == 3:
         merge_lora(student)
     final = evaluate(student, teacher, eval_batches) if eval_batches else {}
     if final:
         report(cfg.stage, cfg.steps, final, log)
-    return {**final, "losses": history, "step_seconds": step_seconds}
+    return {**final, "losses": history, "step_seconds": step_seconds, "data_seconds": data_seconds}
 
 
 def report(stage: int, step: int, metrics: dict, log: Callable[[str], None]) -> None:
@@ -357,7 +364,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
     """One JSON object per line: {"image": path} or {"images": [paths]} or {"video": path (a file, or
     a folder of frames)}, with "prompt": the user's text and, optionally, "response": the assistant's
     answer (distilled too when given). Relative paths are relative to the JSONL file's folder.
-    InputError, naming the line, for a line that is not such an object or names a missing file."""
+    InputError, naming the line, for a line that is not such an object or names a missing file; each
+    sample keeps its line ("where", path:number), for an error found when it is decoded."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--data {path} does not exist: give a JSONL file of samples (see distill.py --help)")
@@ -376,7 +384,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 and all(isinstance(sample.get(key, ""), str) for key in ("video", "response"))):
             raise InputError(f"{path}:{number}: \"image\", \"video\" and \"response\" are strings, "
                              "\"images\" a list of strings")
-        sample["images"] = [path.parent / p for p in images]
+        sample["images"], sample["where"] = [path.parent / p for p in images], f"{path}:{number}"
         if "video" in sample:
             sample["video"] = path.parent / sample["video"]
         for file in sample["images"] + ([sample["video"]] if "video" in sample else []):
@@ -411,28 +419,33 @@ def synthetic_samples(count: int, seed: int) -> list[dict]:
                 frame[:, y // 2:y // 2 + 40 + size // 4, x + 20 * t:x + 20 * t + 40 + size // 4] = color
                 frames.append(frame)
             video = Video(torch.stack(frames).to(torch.uint8), [float(t) for t in range(8)], 8.0)
-            samples.append({"video": video, "prompt": "What happens in this video?"})
+            samples.append({"video": video, "prompt": "What happens in this video?", "where": f"synthetic sample {i}"})
         else:
             image = canvas(int(torch.randint(200, 600, ())), int(torch.randint(200, 600, ())))
             for _ in range(int(torch.randint(1, 5, (1,), generator=g))):
                 top, left, h, w = (int(v) for v in torch.randint(0, 180, (4,), generator=g))
                 image[:, top:top + h + 20, left:left + w + 20] = torch.rand(3, 1, 1, generator=g) * 255
-            samples.append({"images": [image.to(torch.uint8)], "prompt": prompts[i % len(prompts)]})
+            samples.append({"images": [image.to(torch.uint8)], "prompt": prompts[i % len(prompts)],
+                            "where": f"synthetic sample {i}"})
     return samples
 
 
-class SampleBatches:
-    """batch_at(i): micro-batch i of an endless sequence of seeded per-epoch shuffles of the samples,
-    put through the processor (chat template, image tiling, video frames) on demand."""
+class MicroBatches(Dataset):
+    """Micro-batch i of an endless sequence of seeded per-epoch shuffles of the samples (with shuffle
+    off: one pass in order, len() micro-batches), put through the processor (chat template, image
+    tiling, video frames) and collated: what a DataLoader worker prepares. The order is a function of
+    the seed and i alone. A sample the processor cannot read comes back as an InputError naming it and
+    its JSONL line, for the training process to raise: raised in a worker, it would reach that process
+    wrapped in the worker's traceback."""
 
-    def __init__(self, samples: list[dict], processor, batch_size: int, seed: int, device: str, shuffle: bool = True):
+    def __init__(self, samples: list[dict], processor, batch_size: int, seed: int, shuffle: bool):
         self.samples, self.processor, self.batch_size = samples, processor, batch_size
-        self.seed, self.device, self.shuffle = seed, device, shuffle
+        self.seed, self.shuffle = seed, shuffle
 
     def __len__(self) -> int:
         return math.ceil(len(self.samples) / self.batch_size)
 
-    def __call__(self, index: int) -> Batch:
+    def sample_indices(self, index: int) -> list[int]:
         n = len(self.samples)
         picks = []
         for k in range(index * self.batch_size, (index + 1) * self.batch_size):
@@ -441,9 +454,17 @@ class SampleBatches:
                 break
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch)) if self.shuffle \
                 else torch.arange(n)
-            picks.append(self.samples[int(order[position])])
-        batch = self.processor.collate([self.process(s) for s in picks])
-        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            picks.append(int(order[position]))
+        return picks
+
+    def __getitem__(self, index: int) -> Batch | InputError:
+        prepared = []
+        for k in self.sample_indices(index):
+            try:
+                prepared.append(self.process(self.samples[k]))
+            except (InputError, OSError) as error:
+                return InputError(f"{self.samples[k]['where']}: {error}")
+        return self.processor.collate(prepared)
 
     def process(self, sample: dict) -> dict:
         content = [{"type": "image"} for _ in sample.get("images", [])]
@@ -453,6 +474,45 @@ class SampleBatches:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": sample["response"]}]})
         return self.processor(messages, images=sample.get("images", []), video=sample.get("video"),
                               add_generation_prompt=not sample.get("response"))
+
+
+def as_collated(batch: Batch | InputError) -> Batch | InputError:
+    """The DataLoader's collate_fn: MicroBatches collates (the default would turn the grids' tuples into lists)."""
+    return batch
+
+
+class SampleBatches:
+    """batch_at(i): MicroBatches' micro-batch i on the device, prepared by a DataLoader whose `workers`
+    processes prepare the next ones while the step runs (0: the calling process prepares each when asked).
+
+    Asked for i, i + 1, i + 2, ...: one pass of the loader, its sampler that sequence, serves them in
+    turn; asked for any other index, a new pass starts there. Pinned memory on CUDA, so that the copy to
+    the device does not wait on the step.
+    """
+
+    def __init__(self, samples: list[dict], processor, batch_size: int, seed: int, device: str, shuffle: bool = True,
+                 workers: int = 0):
+        self.dataset = MicroBatches(samples, processor, batch_size, seed, shuffle)
+        self.device, self.workers = torch.device(device), workers
+        self.batches, self.next_index = None, None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __call__(self, index: int) -> Batch:
+        if index != self.next_index:
+            end = sys.maxsize if self.dataset.shuffle else len(self.dataset)
+            # A generator of its own: each pass draws a seed for its workers, which must not move the global
+            # RNG (it initializes stage 3's adapters, and --resume restores it).
+            self.batches = iter(DataLoader(self.dataset, batch_size=None, sampler=range(index, end),
+                                           num_workers=self.workers, collate_fn=as_collated,
+                                           pin_memory=self.device.type == "cuda",
+                                           generator=torch.Generator().manual_seed(self.dataset.seed)))
+        self.next_index = index + 1
+        batch = next(self.batches)
+        if isinstance(batch, InputError):
+            raise batch
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -512,6 +572,9 @@ def smoke(args: argparse.Namespace) -> dict:
     else:
         after = f"then {rest[0]:.3f} s for the second step" if rest else "no later step to time (--steps 2 or more)"
     print(f"smoke: first step {first:.2f} s (compilation and warm-up included), {after}")
+    if rest:
+        print(f"smoke: the steps after the first waited {statistics.median(result['data_seconds'][1:]):.3f} s each "
+              f"for their batches (median; {args.workers} DataLoader workers)")
     if device.type == "cuda":
         peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (torch.cuda.max_memory_allocated " \
                "while loading both models and running the stage)"
@@ -524,6 +587,11 @@ def smoke(args: argparse.Namespace) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 # Command line
+
+
+def default_workers() -> int:
+    """DataLoader workers: this machine's CPUs less one (which runs the step), at most 8."""
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -546,6 +614,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help=f"optimizer steps ({d.steps}; {SMOKE_STEPS} with --smoke)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per micro-batch")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="DataLoader processes that prepare batches while the step runs; 0: the training process "
+                        "prepares each batch itself. Default: this machine's CPUs but one, at most 8")
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default per stage: {STAGE_LR})")
     p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps before the cosine decay")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay on matrices")
@@ -585,9 +656,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("the following arguments are required: --stage (or --smoke)")
     args.steps = args.steps if args.steps is not None else SMOKE_STEPS if args.smoke else d.steps
     check_device(args.device)
-    check_bounds(args, at_least={"steps": 1, "batch_size": 1, "grad_accum": 1, "warmup": 0, "weight_decay": 0,
-                                 "hidden_weight": 0, "kl_weight": 0, "lora_rank": 1, "eval_every": 0, "save_every": 0,
-                                 "eval_samples": 1, "synthetic_samples": 1},
+    check_bounds(args, at_least={"steps": 1, "batch_size": 1, "grad_accum": 1, "workers": 0, "warmup": 0,
+                                 "weight_decay": 0, "hidden_weight": 0, "kl_weight": 0, "lora_rank": 1, "eval_every": 0,
+                                 "save_every": 0, "eval_samples": 1, "synthetic_samples": 1},
                  above={"lr": 0, "clip": 0, "temperature": 0})
     return args
 
@@ -627,7 +698,8 @@ def run_stage(args: argparse.Namespace) -> dict:
     student = load_model(init, args.device)
     teacher = load_model(teacher_path, args.device).requires_grad_(False)
     held_out = SampleBatches(samples[:args.eval_samples], processor, cfg.batch_size, cfg.seed, args.device, shuffle=False)
-    batches = SampleBatches(samples[args.eval_samples:], processor, cfg.batch_size, cfg.seed, args.device)
+    batches = SampleBatches(samples[args.eval_samples:], processor, cfg.batch_size, cfg.seed, args.device,
+                            workers=args.workers)
     return train_stage(student, teacher, batches, [held_out(i) for i in range(len(held_out))], cfg,
                        out_dir=Path(args.out) / f"stage{cfg.stage}", source=init, resume=args.resume)
 

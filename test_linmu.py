@@ -1930,3 +1930,131 @@ def test_gradient_accumulation_trains_the_weights_of_one_batch_of_the_same_sampl
     assert accumulated == pytest.approx(one_batch, rel=1e-6, abs=0)  # the loss's terms are taken in float32
     assert all(torch.allclose(accumulated_weights[k], w, rtol=0, atol=1e-6) for k, w in weights.items())
 
+
+def test_data_loader_workers_serve_the_batches_prepared_in_process(pair, tiny_hub):
+    """SampleBatches through DataLoader workers, as the training loop asks for them (in turn, across the end
+    of an epoch): the same samples in the same order as preparing each batch in this process, from
+    MicroBatches' definition written out here, and the same tensors."""
+    import distill
+
+    processor, samples = P.Processor.from_pretrained(tiny_hub), distill.synthetic_samples(8, seed=0)
+
+    def reference(index, batch_size=3, seed=0):  # micro-batch `index` of seeded per-epoch shuffles
+        picks = []
+        for k in range(index * batch_size, (index + 1) * batch_size):
+            epoch, position = divmod(k, len(samples))
+            order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed + epoch))
+            picks.append(samples[int(order[position])])
+        prepared = []
+        for s in picks:
+            content = [{"type": "image"}] * len(s.get("images", [])) + [{"type": "video"}] * ("video" in s)
+            prepared.append(processor([{"role": "user", "content": content + [{"type": "text", "text": s["prompt"]}]}],
+                                      images=s.get("images", []), video=s.get("video")))
+        return processor.collate(prepared)
+
+    loader = distill.SampleBatches(samples, processor, 3, seed=0, device="cpu", workers=2)
+    for index in [1, 2, 3]:  # samples 3-5, 6-8 (across the epoch's end) and 9-11
+        got, want = loader(index), reference(index)
+        assert got.keys() == want.keys() and got["grids"] == want["grids"]
+        assert all(torch.equal(got[k], want[k]) for k in want if k != "grids")
+
+
+RANK_DRIVER = """
+import json, os, sys, traceback
+os.environ.update(env)
+out, err = open(f"{logs}/out.{rank}", "w"), open(f"{logs}/err.{rank}", "w")
+os.dup2(out.fileno(), 1), os.dup2(err.fileno(), 2)  # what C++ prints too
+sys.stdout, sys.stderr = out, err
+import torch, distill
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+if stop >= 0:  # killed when the run asks for micro-batch `stop` or a later one: every rank at the same step
+    serve = distill.SampleBatches.__call__
+    def killed(self, index):
+        if index >= stop:
+            raise KeyboardInterrupt
+        return serve(self, index)
+    distill.SampleBatches.__call__ = killed
+try:
+    result = distill.main(argv)
+    with open(f"{logs}/result.{rank}.json", "w") as file:
+        json.dump(result, file)
+    code = 0
+except SystemExit as exit:
+    code = exit.code
+except BaseException:
+    traceback.print_exc()
+    code = 1
+out.flush(), err.flush()
+os._exit(code)
+"""
+
+
+def run_distill(argv, logs, ranks=1, stop=-1, timeout=300):
+    """`distill.py argv` as `ranks` processes with the environment torchrun gives each (one thread, as torchrun
+    sets), or with ranks=1 as a plain `python distill.py` -> [(exit status, stdout, stderr)] by rank. Rank r's
+    result goes to logs/result.r.json; stop >= 0 kills the run when it asks for micro-batch `stop`. The
+    processes fork from a server that has imported distill.py once (the imports take seconds)."""
+    import multiprocessing
+    import os
+    import socket
+
+    logs.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = {"WORLD_SIZE": str(ranks), "LOCAL_WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    forkserver = multiprocessing.get_context("forkserver")
+    forkserver.set_forkserver_preload(["distill", "processing"])
+    processes = []
+    for rank in range(ranks):
+        env = {**torchrun, "RANK": str(rank), "LOCAL_RANK": str(rank)} if ranks > 1 else {}
+        variables = {"env": env, "logs": str(logs), "rank": rank, "stop": stop, "argv": [str(a) for a in argv]}
+        processes.append(forkserver.Process(target=exec, args=(RANK_DRIVER, variables)))
+        processes[-1].start()
+    try:
+        for p in processes:
+            p.join(timeout)
+        assert not any(p.is_alive() for p in processes), f"a rank hung: see {logs}"
+    finally:
+        for p in processes:
+            p.kill()  # nothing left to end unless a rank hung
+    return [(p.exitcode, (logs / f"out.{r}").read_text(), (logs / f"err.{r}").read_text())
+            for r, p in enumerate(processes)]
+
+
+@pytest.fixture(scope="module")
+def stage_one(tiny_hub, tmp_path_factory):
+    """The flags of 3 steps of stage 1 on the tiny teacher and its student, but the batch split and --out."""
+    student = tmp_path_factory.mktemp("stage_one") / "student"
+    save_model(linmu.convert_to_linmu(load_model(tiny_hub)), student, source=tiny_hub)
+    return ["--stage", "1", "--student", str(student), "--teacher", str(tiny_hub), "--synthetic-samples", "8",
+            "--eval-samples", "2", "--steps", "3", "--eval-every", "0", "--save-every", "2", "--workers", "0",
+            "--device", "cpu", "--no-compile"]
+
+
+def error_lines(ranks) -> list[str]:
+    """The `distill.py: error:` lines of every rank's stderr (progress bars end their line before one)."""
+    return [line for _, _, err in ranks for line in err.splitlines() if line.startswith("distill.py: error:")]
+
+
+@pytest.mark.parametrize("ranks", [1])
+def test_a_bad_sample_under_workers_stops_every_rank_with_one_error_line(stage_one, ranks, tmp_path):
+    """An undecodable image, prepared in a DataLoader worker, stops the run: exit status 2 on every rank and one
+    `distill.py: error:` line naming the file and its JSONL line."""
+    import distill
+
+    TF.to_pil_image(random_image(30, 40, 1)).save(tmp_path / "good.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    bad = distill.MicroBatches([{}] * 4, None, 1, 0, shuffle=True).sample_indices(1)[0]  # the first step's second
+    lines = [{"image": "bad.png" if i == 1 + bad else "good.png", "prompt": f"Question {i}?"} for i in range(5)]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    flags = [*stage_one, "--data", str(tmp_path / "data.jsonl"), "--eval-samples", "1", "--workers", "1",
+             "--batch-size", str(2 // ranks), "--out", str(tmp_path / "out")]
+    stopped = run_distill(flags, tmp_path / "logs", ranks=ranks)
+    assert [code for code, _, _ in stopped] == [2] * ranks, stopped
+    (line,) = error_lines(stopped)  # line 1 is held out, then the 4 training samples
+    assert line.startswith(f"distill.py: error: {tmp_path / 'data.jsonl'}:{bad + 2}: cannot decode image "
+                           f"{tmp_path / 'bad.png'}: "), line
+    assert not any("Traceback" in err for _, _, err in stopped)
+    assert not (tmp_path / "out").exists()
