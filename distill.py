@@ -25,12 +25,18 @@ The logit term always runs the student end to end. toy.py measures both choices.
 Checkpoints are the Hub layout (config.json + model.safetensors + tokenizer files, loadable by
 `python linmu.py --model`, bench.py and the next stage) plus trainer.pt (the trained tensors,
 optimizer, schedule, step and RNG state), written atomically; --resume continues a stage exactly.
-A DataLoader's --workers prepare the batches while the step runs.
+
+A step trains on a global batch of --batch-size x ranks x --grad-accum samples, and its loss is
+that of the global batch taken as one batch, however it is split. `torchrun --nproc_per_node=N
+distill.py ...` (and --nnodes for several machines) runs N ranks under DistributedDataParallel, NCCL
+on CUDA and gloo on a CPU; each rank takes its share of every global batch, rank 0 alone logs and
+writes checkpoints. A DataLoader's --workers prepare the batches ahead of the step.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -46,7 +52,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -95,6 +103,33 @@ class DistillConfig:
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else STAGE_LR[self.stage]
+
+
+# ----------------------------------------------------------------------------------------------
+# Ranks: one process (`python distill.py`), or torchrun's
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of ranks: torchrun's, or (0, 1) without it."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor summed over the ranks, in place (on the rank's device, as NCCL needs)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def stop_together(error: InputError | None) -> None:
+    """Raise a rank's error on every rank. One rank's bad sample must stop them all, with its line printed
+    once by rank 0, rather than leave the others waiting for that rank in the step's all-reduce."""
+    if dist.is_initialized():
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, None if error is None else str(error))
+        error = next((InputError(e) for e in errors if e is not None), None)
+    if error is not None:
+        raise error
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,7 +193,7 @@ def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: t
 def loss_normalizers(target, batch: Batch) -> torch.Tensor:
     """The denominators of the loss on a batch: its real tokens, and each decoder layer's sum of ||h_t||^2
     over them (target: teacher_pass's output) -> (1 + layers,). A step adds them up over its micro-batches
-    before it takes any loss, so that its loss is that of all its samples as one batch."""
+    and ranks before it takes any loss, so that its loss is that of its global batch as one batch."""
     mask = batch["attention_mask"].to(torch.float32)
     norms = [(h.float().pow(2).sum(-1) * mask).sum() for h in target.hidden_states[1:]]
     return torch.stack([mask.sum(), *norms])
@@ -176,16 +211,17 @@ def student_hidden_states(student: VLM, teacher_hidden: list[torch.Tensor], batc
     return [layer(h, plan)[0] for layer, plan, h in zip(text.layers, plans, teacher_hidden[:-1])]
 
 
-def distill_loss(student: VLM, target, batch: Batch, cfg: DistillConfig,
+def distill_loss(model: VLM | DistributedDataParallel, target, batch: Batch, cfg: DistillConfig,
                  scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch's share of its step's loss -> (loss, its terms [loss, hidden, kl] detached).
 
-    target: teacher_pass's output on the batch; scales: loss_normalizers summed over the step's
-    micro-batches. The errors are summed over the
+    model: the student, or DDP around it; target: teacher_pass's output on the batch; scales:
+    loss_normalizers summed over the step's micro-batches and ranks. The errors are summed over the
     batch's real tokens and divided by the step's totals, so that the shares of a step add up to its loss.
     """
+    student = model.module if isinstance(model, DistributedDataParallel) else model
     mask = batch["attention_mask"].to(torch.float32)
-    out = student(**model_inputs(batch), output_hidden_states=cfg.hidden_target == "stream")
+    out = model(**model_inputs(batch), output_hidden_states=cfg.hidden_target == "stream")
     hidden = student_hidden_states(student, target.hidden_states, batch, cfg, out.hidden_states)
     tokens, norms = scales[0], scales[1:]
     hidden_loss = torch.stack([relative_error(s, t, mask, norm)
@@ -198,12 +234,14 @@ def distill_loss(student: VLM, target, batch: Batch, cfg: DistillConfig,
 @torch.no_grad()
 def evaluate(student: VLM, teacher: VLM, batches: list[Batch]) -> dict[str, float]:
     """Held-out agreement with the teacher: per-layer hidden-state cosine similarity, KL and top-1
-    next-token agreement, each averaged over real tokens."""
+    next-token agreement, each averaged over real tokens. Under torchrun each rank evaluates its share
+    of the batches, and the sums are added up over the ranks."""
+    rank, world = rank_and_world()
     totals = {"cosine": 0.0, "kl": 0.0, "top1": 0.0}
     tokens = 0.0
-    for batch in batches:
+    for batch in batches[rank::world]:
         inputs, mask = model_inputs(batch), batch["attention_mask"].to(torch.float32)
-        t = teacher(**inputs, output_hidden_states=True)
+        t = teacher_pass(teacher, batch)
         s = student(**inputs, output_hidden_states=True)
         cosine = torch.stack([F.cosine_similarity(a.float(), b.float(), dim=-1)
                               for a, b in zip(s.hidden_states[1:], t.hidden_states[1:])]).mean(0)
@@ -212,7 +250,9 @@ def evaluate(student: VLM, teacher: VLM, batches: list[Batch]) -> dict[str, floa
         totals["kl"] += token_kl(s.logits, t.logits, mask, 1.0).item() * n
         totals["top1"] += ((s.logits.argmax(-1) == t.logits.argmax(-1)) * mask).sum().item()
         tokens += n
-    return {k: v / tokens for k, v in totals.items()}
+    sums = torch.tensor([*totals.values(), tokens], dtype=torch.float64, device=next(student.parameters()).device)
+    *sums, tokens = sum_over_ranks(sums).tolist()
+    return {k: v / tokens for k, v in zip(totals, sums)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,26 +279,49 @@ def make_optimizer(params: dict[str, torch.nn.Parameter], cfg: DistillConfig) ->
 
 def save_checkpoint(student: VLM, out_dir: Path, source: Path | None, params: dict, optimizer, scheduler,
                     step: int, cfg: DistillConfig) -> None:
-    """A loadable model (LoRA merged into a copy in stage 3) plus trainer.pt, as one atomic directory."""
+    """A loadable model (LoRA merged into a copy in stage 3) plus trainer.pt, as one atomic directory.
+    trainer.pt records the number of ranks, so that --resume can tell a global batch split another way."""
     model = student
     if cfg.stage == 3:
         model = copy.deepcopy(student)
         merge_lora(model)
-    trainer = {"step": step, "config": asdict(cfg), "trained": {k: p.detach().cpu() for k, p in params.items()},
+    trainer = {"step": step, "config": asdict(cfg), "world_size": rank_and_world()[1],
+               "trained": {k: p.detach().cpu() for k, p in params.items()},
                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
     save_model(model, out_dir, source=source, extra={"trainer.pt": trainer})
 
 
-def restore_checkpoint(out_dir: Path, params: dict, optimizer, scheduler) -> int:
-    """Load trainer.pt of out_dir into the trained parameters, optimizer, schedule and RNGs -> next step."""
+def restore_checkpoint(out_dir: Path, params: dict, optimizer, scheduler, cfg: DistillConfig,
+                       log: Callable[[str], None]) -> int:
+    """Load trainer.pt of out_dir into the trained parameters, optimizer, schedule and RNGs -> next step.
+
+    The global batch (--batch-size x ranks x --grad-accum) must be the checkpoint's, so that each step
+    trains on the samples it would have. Split the same way, the run continues bitwise; split another
+    way, it continues correctly but not bitwise (its sums add up in another order), and says so.
+    """
     path = out_dir / "trainer.pt"
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no {path}; run the stage without --resume first")
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state["trained"].keys() != params.keys():
         raise InputError(f"--resume: {path} trained other parameters than this stage; check --stage and --branches")
+    world = rank_and_world()[1]
+    split = (world, cfg.batch_size, cfg.grad_accum)
+    ranks = state.get("world_size", 1)  # trainer.pt files from before torchrun have no world_size: one process
+    saved = (ranks, state["config"]["batch_size"], state["config"]["grad_accum"])
+    describe = "{} ranks x --batch-size {} x --grad-accum {}".format
+    if math.prod(split) != math.prod(saved):
+        samples = math.prod(saved)
+        if samples % world:
+            raise InputError(f"--resume: {path} trained on a global batch of {samples} samples, which {world} ranks "
+                             f"cannot share: resume on a number of ranks that divides {samples}")
+        raise InputError(f"--resume: {path} trained on a global batch of {samples} samples ({describe(*saved)}): "
+                         f"keep it, with --batch-size x --grad-accum = {samples // world} on {world} ranks")
+    if split != saved:
+        log(f"--resume: {path} was trained as {describe(*saved)}, this run is {describe(*split)}: the same "
+            "global batches, so training continues correctly, but not bitwise as a run split one way throughout")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(state["trained"][name])
@@ -271,55 +334,77 @@ def restore_checkpoint(out_dir: Path, params: dict, optimizer, scheduler) -> int
     return state["step"]
 
 
-def accumulate_gradients(student: VLM, teacher: VLM, batches: list[Batch], cfg: DistillConfig) -> torch.Tensor:
-    """Forward and backward over the micro-batches of a step -> the step's [loss, hidden, kl].
+def accumulate_gradients(model: VLM | DistributedDataParallel, teacher: VLM, batches: list[Batch],
+                         cfg: DistillConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward over this rank's micro-batches of a step -> the step's [loss, hidden, kl] and
+    real tokens, summed over the ranks.
 
-    The teacher runs on all of them first, so that the loss's normalizers are those of all the step's
-    samples (its outputs on the micro-batches are held at once: logits and hidden states, a fraction of
-    what a student pass keeps for its backward). Then each micro-batch's share of the loss is
-    backpropagated: the gradients are those of the step's samples as one batch.
+    The teacher runs on all of them first, so that the loss's normalizers are the global batch's (its
+    outputs on the rank's micro-batches are held at once: logits and hidden states, a fraction of what
+    a student pass keeps for its backward). Then each micro-batch's share of the loss is backpropagated.
+    DDP averages the gradients over the ranks in the last micro-batch's backward (no_sync before it), so
+    the shares are multiplied by the number of ranks: the gradients are those of the global batch as one batch.
     """
+    world = rank_and_world()[1]
     on_cuda = next(teacher.parameters()).device.type == "cuda"
     with torch.autocast("cuda", torch.bfloat16, enabled=on_cuda):  # bf16 on CUDA, float32 on CPU
         targets = [teacher_pass(teacher, batch) for batch in batches]
-    scales = sum(loss_normalizers(target, batch) for target, batch in zip(targets, batches))
+    scales = sum_over_ranks(sum(loss_normalizers(target, batch) for target, batch in zip(targets, batches)))
     terms = 0
-    for batch, target in zip(batches, targets):
-        with torch.autocast("cuda", torch.bfloat16, enabled=on_cuda):
-            loss, share = distill_loss(student, target, batch, cfg, scales)
-        loss.backward()
+    for micro, (batch, target) in enumerate(zip(batches, targets)):
+        syncs = not isinstance(model, DistributedDataParallel) or micro + 1 == len(batches)
+        with contextlib.nullcontext() if syncs else model.no_sync():
+            with torch.autocast("cuda", torch.bfloat16, enabled=on_cuda):
+                loss, share = distill_loss(model, target, batch, cfg, scales)
+            (loss * world).backward()
         terms = terms + share
-    return terms
+    return sum_over_ranks(terms), scales[0]
 
 
 def train_stage(student: VLM, teacher: VLM, batch_at: Callable[[int], Batch], eval_batches: list[Batch],
                 cfg: DistillConfig, out_dir: Path | None = None, source: Path | None = None,
                 resume: bool = False, log: Callable[[str], None] = tqdm.write) -> dict:
-    """Run one distillation stage: cfg.steps optimizer steps of cfg.grad_accum micro-batches each.
+    """Run one distillation stage: cfg.steps optimizer steps, each over cfg.grad_accum micro-batches per rank.
 
     batch_at(i) gives micro-batch i (the same i always gives the same batch, so a resumed run sees
-    the data the interrupted one would have). Evaluates every cfg.eval_every steps and at the end,
-    saves every cfg.save_every steps and at the end (if out_dir). Returns the last evaluation with
-    the training-loss history (each step's loss, that of all its micro-batches), each step's seconds
-    (its batches, forward, backward and update) and the seconds of each spent waiting for its batches.
+    the data the interrupted one would have). Step s takes micro-batches s G to s G + G - 1, G =
+    cfg.grad_accum x ranks: rank r every ranks-th of them from s G + r on. Under torchrun the student
+    trains wrapped in DDP. Evaluates every cfg.eval_every steps and at the end; rank 0 saves every
+    cfg.save_every steps and at the end (if out_dir). Returns the last evaluation with the training-loss
+    history, each step's seconds (its batches, forward, backward and update) and the seconds of each
+    spent waiting for its batches.
     """
+    rank, world = rank_and_world()
     params = prepare_stage(student, cfg)
     optimizer = make_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(cfg))
-    first = restore_checkpoint(out_dir, params, optimizer, scheduler) if resume else 0
+    first = restore_checkpoint(out_dir, params, optimizer, scheduler, cfg, log) if resume else 0
     if cfg.compile:  # whole layers with dynamic shapes: one compilation serves every batch's length
         for model in (student, teacher):
             compile_model(model)
+    model = student  # what the steps run: under torchrun, DDP around the student
+    if dist.is_initialized():
+        # DDP wraps the student after its layers are compiled: its gradient hooks stay outside the compiled
+        # graphs, which stay whole (fullgraph), where compiling the wrapped model would split them at DDP's
+        # gradient buckets. A batch without images leaves parameters unused (Flex-MA's backward convolution,
+        # the connector's adapters), which DDP must expect; it warns once per rank when a first step used all.
+        model = DistributedDataParallel(student, find_unused_parameters=True)
     history, step_seconds, data_seconds = [], [], []
     student.train()
     # A context: closed (its line ended) on an error too, before the error's line is printed.
     with tqdm(range(first, cfg.steps), initial=first, total=cfg.steps, desc=f"stage {cfg.stage}") as bar:
         for step in bar:
             started = time.perf_counter()
-            batches = [batch_at(step * cfg.grad_accum + micro) for micro in range(cfg.grad_accum)]
+            try:
+                batches, error = [batch_at((step * cfg.grad_accum + micro) * world + rank)
+                                  for micro in range(cfg.grad_accum)], None
+            except InputError as bad_sample:
+                batches, error = [], bad_sample
+            stop_together(error)
             data_seconds.append(time.perf_counter() - started)
             optimizer.zero_grad(set_to_none=True)
-            loss, hidden, kl = accumulate_gradients(student, teacher, batches, cfg).tolist()
+            terms, tokens = accumulate_gradients(model, teacher, batches, cfg)
+            loss, hidden, kl = terms.tolist()
             if not math.isfinite(loss):
                 where = f"; the last good checkpoint in {out_dir} is intact" if out_dir else ""
                 raise DivergenceError(f"stage {cfg.stage}: loss is {loss} at step {step} (hidden {hidden}, kl {kl}): "
@@ -332,15 +417,14 @@ def train_stage(student: VLM, teacher: VLM, batch_at: Callable[[int], Batch], ev
             if cfg.compile and step == first:
                 log(f"stage {cfg.stage}: the first step took {step_seconds[0]:.1f} s, "
                     "torch.compile's compilation included")
-            tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
             bar.set_postfix(loss=f"{loss:.4f}", hidden=f"{hidden:.4f}", kl=f"{kl:.4f}", wait=f"{data_seconds[-1]:.2f}s",
-                            tok_s=f"{tokens / (time.perf_counter() - started):.0f}")
+                            tok_s=f"{tokens.item() / (time.perf_counter() - started):.0f}")
             last = step + 1 == cfg.steps
             if eval_batches and not last and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 student.eval()
                 report(cfg.stage, step + 1, evaluate(student, teacher, eval_batches), log)
                 student.train()
-            if out_dir is not None and (last or (cfg.save_every and (step + 1) % cfg.save_every == 0)):
+            if out_dir is not None and rank == 0 and (last or (cfg.save_every and (step + 1) % cfg.save_every == 0)):
                 save_checkpoint(student, out_dir, source, params, optimizer, scheduler, step + 1, cfg)
     student.eval()
     if cfg.stage == 3:
@@ -485,15 +569,15 @@ class SampleBatches:
     """batch_at(i): MicroBatches' micro-batch i on the device, prepared by a DataLoader whose `workers`
     processes prepare the next ones while the step runs (0: the calling process prepares each when asked).
 
-    Asked for i, i + 1, i + 2, ...: one pass of the loader, its sampler that sequence, serves them in
-    turn; asked for any other index, a new pass starts there. Pinned memory on CUDA, so that the copy to
-    the device does not wait on the step.
+    A rank asks for i, i + stride, i + 2 stride, ... (its share of every step's micro-batches): one pass
+    of the loader, its sampler that sequence, serves them in turn; asked for any other index, a new pass
+    starts there. Pinned memory on CUDA, so that the copy to the device does not wait on the step.
     """
 
     def __init__(self, samples: list[dict], processor, batch_size: int, seed: int, device: str, shuffle: bool = True,
-                 workers: int = 0):
+                 workers: int = 0, stride: int = 1):
         self.dataset = MicroBatches(samples, processor, batch_size, seed, shuffle)
-        self.device, self.workers = torch.device(device), workers
+        self.device, self.workers, self.stride = torch.device(device), workers, stride
         self.batches, self.next_index = None, None
 
     def __len__(self) -> int:
@@ -504,11 +588,11 @@ class SampleBatches:
             end = sys.maxsize if self.dataset.shuffle else len(self.dataset)
             # A generator of its own: each pass draws a seed for its workers, which must not move the global
             # RNG (it initializes stage 3's adapters, and --resume restores it).
-            self.batches = iter(DataLoader(self.dataset, batch_size=None, sampler=range(index, end),
+            self.batches = iter(DataLoader(self.dataset, batch_size=None, sampler=range(index, end, self.stride),
                                            num_workers=self.workers, collate_fn=as_collated,
                                            pin_memory=self.device.type == "cuda",
                                            generator=torch.Generator().manual_seed(self.dataset.seed)))
-        self.next_index = index + 1
+        self.next_index = index + self.stride
         batch = next(self.batches)
         if isinstance(batch, InputError):
             raise batch
@@ -574,7 +658,7 @@ def smoke(args: argparse.Namespace) -> dict:
     print(f"smoke: first step {first:.2f} s (compilation and warm-up included), {after}")
     if rest:
         print(f"smoke: the steps after the first waited {statistics.median(result['data_seconds'][1:]):.3f} s each "
-              f"for their batches (median; {args.workers} DataLoader workers)")
+              f"for their batches (median; {args.workers} DataLoader workers per rank)")
     if device.type == "cuda":
         peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (torch.cuda.max_memory_allocated " \
                "while loading both models and running the stage)"
@@ -590,8 +674,9 @@ def smoke(args: argparse.Namespace) -> dict:
 
 
 def default_workers() -> int:
-    """DataLoader workers: this machine's CPUs less one (which runs the step), at most 8."""
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
+    """DataLoader workers per rank: this machine's CPUs less one per rank (which runs the step), shared
+    among the ranks torchrun starts here (LOCAL_WORLD_SIZE), at most 8."""
+    return max(0, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -612,11 +697,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--synthetic-samples", type=int, default=48, help="size of the synthetic set when --data is not given")
     p.add_argument("--eval-samples", type=int, default=4, help="samples held out for evaluation")
     p.add_argument("--steps", type=int, help=f"optimizer steps ({d.steps}; {SMOKE_STEPS} with --smoke)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per micro-batch (per rank)")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum,
+                   help="micro-batches per optimizer step (per rank): a step's global batch is --batch-size x "
+                        "ranks x --grad-accum samples")
     p.add_argument("--workers", type=int, default=default_workers(),
-                   help="DataLoader processes that prepare batches while the step runs; 0: the training process "
-                        "prepares each batch itself. Default: this machine's CPUs but one, at most 8")
+                   help="DataLoader processes (per rank) that prepare batches while the step runs; 0: the training "
+                        "process prepares each batch itself. The default leaves one of this machine's CPUs to each "
+                        "rank's step and takes the others, at most 8 a rank")
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default per stage: {STAGE_LR})")
     p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps before the cosine decay")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay on matrices")
@@ -699,24 +787,66 @@ def run_stage(args: argparse.Namespace) -> dict:
     teacher = load_model(teacher_path, args.device).requires_grad_(False)
     held_out = SampleBatches(samples[:args.eval_samples], processor, cfg.batch_size, cfg.seed, args.device, shuffle=False)
     batches = SampleBatches(samples[args.eval_samples:], processor, cfg.batch_size, cfg.seed, args.device,
-                            workers=args.workers)
+                            workers=args.workers, stride=rank_and_world()[1])
     return train_stage(student, teacher, batches, [held_out(i) for i in range(len(held_out))], cfg,
                        out_dir=Path(args.out) / f"stage{cfg.stage}", source=init, resume=args.resume)
 
 
-@user_errors("distill.py", DivergenceError)
+@contextlib.contextmanager
+def torchrun_group(args: argparse.Namespace):
+    """Under torchrun (its WORLD_SIZE in the environment): this rank's device in args.device (cuda:LOCAL_RANK
+    on CUDA) and, for the run's duration, a process group, NCCL on CUDA and gloo on a CPU. Without torchrun,
+    nothing: one process."""
+    if "WORLD_SIZE" not in os.environ:
+        yield
+        return
+    device = torch.device(args.device)
+    if device.type not in ("cuda", "cpu"):
+        raise InputError(f"--device {args.device}: under torchrun, distill.py runs on CUDA (NCCL) or a CPU (gloo)")
+    if device.type == "cuda":
+        if device.index is not None:
+            raise InputError(f"--device {args.device}: under torchrun each rank takes the GPU of its LOCAL_RANK; "
+                             "pass --device cuda")
+        device = check_device(f"cuda:{os.environ['LOCAL_RANK']}")
+        torch.cuda.set_device(device)
+        args.device = str(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """Run the stage the flags name (or the --smoke check) and return its result (train_stage's)."""
+    """Run the stage the flags name (or the --smoke check) and return its result (train_stage's).
+
+    Under torchrun, ranks other than 0 print nothing: rank 0 speaks for the run, its one error line
+    included (the ranks meet the same errors, see stop_together, and all exit with status 2). A bug's
+    traceback still shows on every rank.
+    """
+    with contextlib.ExitStack() as silence:
+        if int(os.environ.get("RANK", "0")) > 0:  # torchrun's rank
+            devnull = silence.enter_context(open(os.devnull, "w"))
+            silence.enter_context(contextlib.redirect_stdout(devnull))
+            silence.enter_context(contextlib.redirect_stderr(devnull))
+        return run_command(argv)
+
+
+@user_errors("distill.py", DivergenceError)
+def run_command(argv: list[str] | None) -> dict:
+    """main's work, under the one-line error convention (user_errors)."""
     args = parse_args(argv)
-    if args.smoke:
-        return smoke(args)
-    result = run_stage(args)
-    print(f"stage {args.stage} done: held-out hidden cosine {result['cosine']:.4f}, KL {result['kl']:.4f}, "
-          f"top-1 agreement {result['top1']:.3f}; student written to {Path(args.out) / f'stage{args.stage}'}")
-    if args.stage < 3:
-        teacher_flag = "" if args.teacher == DEFAULT_TEACHER else f" --teacher {args.teacher}"
-        print(f"next: python distill.py --stage {args.stage + 1} --out {args.out}{teacher_flag}")
-    return result
+    with torchrun_group(args):
+        if args.smoke:
+            return smoke(args)
+        result = run_stage(args)
+        print(f"stage {args.stage} done: held-out hidden cosine {result['cosine']:.4f}, KL {result['kl']:.4f}, "
+              f"top-1 agreement {result['top1']:.3f}; student written to {Path(args.out) / f'stage{args.stage}'}")
+        if args.stage < 3:
+            teacher_flag = "" if args.teacher == DEFAULT_TEACHER else f" --teacher {args.teacher}"
+            print(f"next: python distill.py --stage {args.stage + 1} --out {args.out}{teacher_flag}")
+        return result
 
 
 if __name__ == "__main__":

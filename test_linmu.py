@@ -1932,8 +1932,8 @@ def test_gradient_accumulation_trains_the_weights_of_one_batch_of_the_same_sampl
 
 
 def test_data_loader_workers_serve_the_batches_prepared_in_process(pair, tiny_hub):
-    """SampleBatches through DataLoader workers, as the training loop asks for them (in turn, across the end
-    of an epoch): the same samples in the same order as preparing each batch in this process, from
+    """SampleBatches through DataLoader workers, as a rank asks for them (every other micro-batch, across the
+    end of an epoch): the same samples in the same order as preparing each batch in this process, from
     MicroBatches' definition written out here, and the same tensors."""
     import distill
 
@@ -1952,15 +1952,16 @@ def test_data_loader_workers_serve_the_batches_prepared_in_process(pair, tiny_hu
                                       images=s.get("images", []), video=s.get("video")))
         return processor.collate(prepared)
 
-    loader = distill.SampleBatches(samples, processor, 3, seed=0, device="cpu", workers=2)
-    for index in [1, 2, 3]:  # samples 3-5, 6-8 (across the epoch's end) and 9-11
+    loader = distill.SampleBatches(samples, processor, 3, seed=0, device="cpu", workers=2, stride=2)
+    for index in [1, 3, 5]:  # rank 1 of 2: samples 3-5, 9-11 (across the epoch's end) and 15-17
         got, want = loader(index), reference(index)
         assert got.keys() == want.keys() and got["grids"] == want["grids"]
         assert all(torch.equal(got[k], want[k]) for k in want if k != "grids")
 
 
 RANK_DRIVER = """
-import json, os, sys, traceback
+import json, multiprocessing, os, sys, traceback
+multiprocessing.set_start_method("fork", force=True)  # a new interpreter's, here; the server's children inherit its own
 os.environ.update(env)
 out, err = open(f"{logs}/out.{rank}", "w"), open(f"{logs}/err.{rank}", "w")
 os.dup2(out.fileno(), 1), os.dup2(err.fileno(), 2)  # what C++ prints too
@@ -2033,15 +2034,57 @@ def stage_one(tiny_hub, tmp_path_factory):
             "--device", "cpu", "--no-compile"]
 
 
+@pytest.fixture(scope="module")
+def two_ranks(stage_one, tmp_path_factory):
+    """stage_one's run on 2 ranks x batch 1 (gloo, as torchrun starts them): its flags, folder and result."""
+    root = tmp_path_factory.mktemp("ddp")
+    ranks = run_distill([*stage_one, "--batch-size", "1", "--out", str(root / "two")], root / "two_logs", ranks=2)
+    assert [code for code, _, _ in ranks] == [0, 0], ranks
+    return {"root": root, "flags": stage_one, "result": json.loads((root / "two_logs" / "result.0.json").read_text())}
+
+
+def test_two_ranks_of_batch_one_train_the_weights_and_losses_of_one_process_of_batch_two(two_ranks, tmp_path):
+    """DDP over 2 ranks x batch 1 is one process with batch 2 on the same samples: the same logged losses and
+    held-out scores, the same trained weights (to float32 rounding), and a checkpoint of the same files."""
+    import distill
+
+    one = distill.main([*two_ranks["flags"], "--batch-size", "2", "--out", str(tmp_path)])
+    two = two_ranks["result"]
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5, abs=0)
+    scores = ("cosine", "kl", "top1")
+    assert [two[k] for k in scores] == pytest.approx([one[k] for k in scores], rel=1e-5)
+    one_dir, two_dir = tmp_path / "stage1", two_ranks["root"] / "two" / "stage1"
+    assert sorted(p.name for p in one_dir.iterdir()) == sorted(p.name for p in two_dir.iterdir())
+    one_weights, two_weights = load_file(one_dir / "model.safetensors"), load_file(two_dir / "model.safetensors")
+    assert one_weights.keys() == two_weights.keys()
+    assert all(torch.allclose(two_weights[k], w, rtol=0, atol=1e-5) for k, w in one_weights.items())
+
+
+def test_two_ranks_killed_after_step_two_and_resumed_end_bitwise_as_an_uninterrupted_run(two_ranks):
+    """Both ranks stop as step 3 asks for its batches, after the checkpoint of step 2; resumed on 2 ranks, the run
+    logs the uninterrupted run's last loss and ends with its weights, bitwise."""
+    root = two_ranks["root"]
+    flags = [*two_ranks["flags"], "--batch-size", "1", "--out", str(root / "cut")]
+    killed = run_distill(flags, root / "killed_logs", ranks=2, stop=4)  # micro-batches 4 and 5 are step 3's
+    assert all(code != 0 for code, _, _ in killed)
+    assert torch.load(root / "cut" / "stage1" / "trainer.pt", weights_only=False)["step"] == 2
+    resumed = run_distill([*flags, "--resume"], root / "resumed_logs", ranks=2)
+    assert [code for code, _, _ in resumed] == [0, 0], resumed
+    resumed_losses = json.loads((root / "resumed_logs" / "result.0.json").read_text())["losses"]
+    assert resumed_losses == two_ranks["result"]["losses"][2:]
+    cut, whole = (load_file(root / run / "stage1" / "model.safetensors") for run in ("cut", "two"))
+    assert cut.keys() == whole.keys() and all(torch.equal(cut[k], whole[k]) for k in whole)
+
+
 def error_lines(ranks) -> list[str]:
     """The `distill.py: error:` lines of every rank's stderr (progress bars end their line before one)."""
     return [line for _, _, err in ranks for line in err.splitlines() if line.startswith("distill.py: error:")]
 
 
-@pytest.mark.parametrize("ranks", [1])
+@pytest.mark.parametrize("ranks", [1, 2])
 def test_a_bad_sample_under_workers_stops_every_rank_with_one_error_line(stage_one, ranks, tmp_path):
     """An undecodable image, prepared in a DataLoader worker, stops the run: exit status 2 on every rank and one
-    `distill.py: error:` line naming the file and its JSONL line."""
+    `distill.py: error:` line naming the file and its JSONL line, from rank 0 though the sample is rank 1's share."""
     import distill
 
     TF.to_pil_image(random_image(30, 40, 1)).save(tmp_path / "good.png")
@@ -2058,3 +2101,17 @@ def test_a_bad_sample_under_workers_stops_every_rank_with_one_error_line(stage_o
                            f"{tmp_path / 'bad.png'}: "), line
     assert not any("Traceback" in err for _, _, err in stopped)
     assert not (tmp_path / "out").exists()
+
+
+def test_resuming_on_ranks_that_cannot_share_the_global_batch_gives_one_error_line(stage_one, tmp_path):
+    """A checkpoint of global batches of 3 samples, resumed on 2 ranks: exit status 2 on both, one error line."""
+    import distill
+
+    out = ["--out", str(tmp_path / "out")]
+    distill.main([*stage_one, *out, "--batch-size", "3", "--steps", "1"])
+    stopped = run_distill([*stage_one, *out, "--batch-size", "1", "--resume"], tmp_path / "logs", ranks=2)
+    assert [code for code, _, _ in stopped] == [2, 2], stopped
+    trainer = tmp_path / "out" / "stage1" / "trainer.pt"
+    assert error_lines(stopped) == [f"distill.py: error: --resume: {trainer} trained on a global batch of 3 samples, "
+                                    "which 2 ranks cannot share: resume on a number of ranks that divides 3"]
+    assert not any("Traceback" in err for _, _, err in stopped)
