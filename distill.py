@@ -696,7 +696,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=DEFAULT_OUT, help="stage N writes OUT/stageN")
     p.add_argument("--data", help="JSONL file of samples: {\"image\"|\"images\"|\"video\": ..., \"prompt\": ..., "
                                   "\"response\": optional}; default: a synthetic set generated in-process")
-    p.add_argument("--synthetic-samples", type=int, default=48, help="size of the synthetic set when --data is not given")
+    p.add_argument("--synthetic-samples", type=int, default=48,
+                   help="size of the synthetic set when --data is not given")
     p.add_argument("--eval-samples", type=int, default=4, help="samples held out for evaluation")
     p.add_argument("--steps", type=int, help=f"optimizer steps ({d.steps}; {SMOKE_STEPS} with --smoke)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per micro-batch (per rank)")
@@ -788,7 +789,8 @@ def run_stage(args: argparse.Namespace) -> dict:
     tuning = tuning_for(torch.device(args.device))
     student = tune(load_model(init, args.device), replace(tuning, fused=False))  # it trains: no fused copies
     teacher = tune(load_model(teacher_path, args.device), tuning).requires_grad_(False)
-    held_out = SampleBatches(samples[:args.eval_samples], processor, cfg.batch_size, cfg.seed, args.device, shuffle=False)
+    held_out = SampleBatches(samples[:args.eval_samples], processor, cfg.batch_size, cfg.seed, args.device,
+                             shuffle=False)
     batches = SampleBatches(samples[args.eval_samples:], processor, cfg.batch_size, cfg.seed, args.device,
                             workers=args.workers, stride=rank_and_world()[1])
     return train_stage(student, teacher, batches, [held_out(i) for i in range(len(held_out))], cfg,
