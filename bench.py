@@ -425,7 +425,7 @@ def prefill(model: VLM, input_ids: Tensor, grids: list, image_features: Tensor |
 def decode(step, token: Tensor, start: int, steps: int, image_token_id: int) -> Tensor:
     """`steps` greedy decoding steps (speed.decoder: a CUDA graph on CUDA) from position `start` -> the last token.
     Nothing here waits on the device: the position advances on it."""
-    position = torch.full((1,), start, device=token.device)
+    position = torch.full_like(token, start)  # (B,): the batch's prompts are one prompt repeated
     for _ in range(steps):
         token = greedy(step(token, position), image_token_id)
         position += 1
@@ -554,7 +554,7 @@ def bench_model(model: VLM, load: Workload, args, device: torch.device) -> dict:
             step = decoder(model, repeat_batch(caches, batch) if batch > 1 else caches)  # `batch` identical prompts
             first = token.repeat(batch)
             started = time.perf_counter()
-            step(first, torch.full((1,), ids.shape[1], device=device))  # on CUDA: records the CUDA graph
+            step(first, torch.full_like(first, ids.shape[1]))  # on CUDA: records the CUDA graph
             synchronize(device)
             row["warmup_extra_s"] += time.perf_counter() - started
             run = measure(lambda: decode(step, first, ids.shape[1], args.new_tokens, image_token_id), device,

@@ -25,17 +25,26 @@ The logit term always runs the student end to end. toy.py measures both choices.
 Checkpoints are the Hub layout (config.json + model.safetensors + tokenizer files, loadable by
 `python generate.py --model`, bench.py and the next stage) plus trainer.pt (the trained tensors,
 optimizer, schedule, step and RNG state), written atomically; --resume continues a stage exactly.
+
+A step trains on a global batch of --batch-size x ranks x --grad-accum samples, and its loss is
+that of the global batch taken as one batch, however it is split. `torchrun --nproc_per_node=N
+distill.py ...` (and --nnodes for several machines) runs N ranks under DistributedDataParallel, NCCL
+on CUDA and gloo on a CPU; each rank takes its share of every global batch, rank 0 alone logs and
+writes checkpoints. A DataLoader's --workers prepare the batches ahead of the step.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
+import os
 import random
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -43,7 +52,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from convert import DEFAULT_STUDENT, DEFAULT_TEACHER
@@ -96,6 +108,33 @@ class DistillConfig:
 
 
 # ----------------------------------------------------------------------------------------------
+# Ranks: one process (`python distill.py`), or torchrun's
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of ranks: torchrun's, or (0, 1) without it."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor summed over the ranks, in place (on the rank's device, as NCCL needs)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def stop_together(error: InputError | None) -> None:
+    """Raise a rank's error on every rank. One rank's bad sample must stop them all, with its line printed
+    once by rank 0, rather than leave the others waiting for that rank in the step's all-reduce."""
+    if dist.is_initialized():
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, None if error is None else str(error))
+        error = next((InputError(e) for e in errors if e is not None), None)
+    if error is not None:
+        raise error
+
+
+# ----------------------------------------------------------------------------------------------
 # What each stage trains
 
 
@@ -130,19 +169,36 @@ def model_inputs(batch: Batch) -> dict:
     return {k: batch.get(k) for k in ("input_ids", "pixel_values", "pixel_attention_mask", "grids")}
 
 
-def relative_error(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """sum ||s - t||^2 / sum ||t||^2 over the real tokens: (B, L, D), (B, L, D), (B, L) -> scalar."""
+@torch.no_grad()
+def teacher_pass(teacher: VLM, batch: Batch):
+    """The frozen teacher's output on a batch, hidden states included: what the student's loss regresses."""
+    return teacher(**model_inputs(batch), output_hidden_states=True)
+
+
+def relative_error(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
+                   norm: torch.Tensor) -> torch.Tensor:
+    """sum ||s - t||^2 over the real tokens / norm (the step's sum ||t||^2): (B, L, D), (B, L, D), (B, L) -> scalar."""
     diff = (student.float() - teacher.float()).pow(2).sum(-1)
-    return (diff * mask).sum() / (teacher.float().pow(2).sum(-1) * mask).sum()
+    return (diff * mask).sum() / norm
 
 
 def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
-             temperature: float) -> torch.Tensor:
-    """KL(teacher || student) per token at a temperature, times T^2, averaged over real tokens."""
+             temperature: float, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher || student) per token at a temperature, times T^2, summed over the real tokens and divided
+    by `tokens`: by default the batch's real tokens (a per-token mean); a step passes its global batch's."""
     t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     per_token = (t.exp() * (t - s)).sum(-1)  # (B, L)
-    return (per_token * mask).sum() / mask.sum() * temperature**2
+    return (per_token * mask).sum() / (mask.sum() if tokens is None else tokens) * temperature**2
+
+
+def loss_normalizers(target, batch: Batch) -> torch.Tensor:
+    """The denominators of the loss on a batch: its real tokens, and each decoder layer's sum of ||h_t||^2
+    over them (target: teacher_pass's output) -> (1 + layers,). A step adds them up over its micro-batches
+    and ranks before it takes any loss, so that its loss is that of its global batch as one batch."""
+    mask = batch["attention_mask"].to(torch.float32)
+    norms = [(h.float().pow(2).sum(-1) * mask).sum() for h in target.hidden_states[1:]]
+    return torch.stack([mask.sum(), *norms])
 
 
 def student_hidden_states(student: VLM, teacher_hidden: list[torch.Tensor], batch: Batch,
@@ -157,29 +213,37 @@ def student_hidden_states(student: VLM, teacher_hidden: list[torch.Tensor], batc
     return [layer(h, plan)[0] for layer, plan, h in zip(text.layers, plans, teacher_hidden[:-1])]
 
 
-def distill_loss(student: VLM, teacher: VLM, batch: Batch, cfg: DistillConfig) -> tuple[torch.Tensor, dict]:
-    """The stage loss on one batch -> (loss, {"hidden": ..., "kl": ...} as floats)."""
-    inputs = model_inputs(batch)
+def distill_loss(model: VLM | DistributedDataParallel, target, batch: Batch, cfg: DistillConfig,
+                 scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's share of its step's loss -> (loss, its terms [loss, hidden, kl] detached).
+
+    model: the student, or DDP around it; target: teacher_pass's output on the batch; scales:
+    loss_normalizers summed over the step's micro-batches and ranks. The errors are summed over the
+    batch's real tokens and divided by the step's totals, so that the shares of a step add up to its loss.
+    """
+    student = model.module if isinstance(model, DistributedDataParallel) else model
     mask = batch["attention_mask"].to(torch.float32)
-    with torch.no_grad():
-        target = teacher(**inputs, output_hidden_states=True)
-    out = student(**inputs, output_hidden_states=cfg.hidden_target == "stream")
+    out = model(**model_inputs(batch), output_hidden_states=cfg.hidden_target == "stream")
     hidden = student_hidden_states(student, target.hidden_states, batch, cfg, out.hidden_states)
-    hidden_loss = torch.stack([relative_error(s, t, mask) for s, t in zip(hidden, target.hidden_states[1:])]).mean()
-    kl = token_kl(out.logits, target.logits, mask, cfg.temperature)
+    tokens, norms = scales[0], scales[1:]
+    hidden_loss = torch.stack([relative_error(s, t, mask, norm)
+                               for s, t, norm in zip(hidden, target.hidden_states[1:], norms)]).mean()
+    kl = token_kl(out.logits, target.logits, mask, cfg.temperature, tokens)
     loss = cfg.hidden_weight * hidden_loss + cfg.kl_weight * kl
-    return loss, {"hidden": hidden_loss.item(), "kl": kl.item()}
+    return loss, torch.stack([loss, hidden_loss, kl]).detach()
 
 
 @torch.no_grad()
 def evaluate(student: VLM, teacher: VLM, batches: list[Batch]) -> dict[str, float]:
     """Held-out agreement with the teacher: per-layer hidden-state cosine similarity, KL and top-1
-    next-token agreement, each averaged over real tokens."""
+    next-token agreement, each averaged over real tokens. Under torchrun each rank evaluates its share
+    of the batches, and the sums are added up over the ranks."""
+    rank, world = rank_and_world()
     totals = {"cosine": 0.0, "kl": 0.0, "top1": 0.0}
     tokens = 0.0
-    for batch in batches:
+    for batch in batches[rank::world]:
         inputs, mask = model_inputs(batch), batch["attention_mask"].to(torch.float32)
-        t = teacher(**inputs, output_hidden_states=True)
+        t = teacher_pass(teacher, batch)
         s = student(**inputs, output_hidden_states=True)
         cosine = torch.stack([F.cosine_similarity(a.float(), b.float(), dim=-1)
                               for a, b in zip(s.hidden_states[1:], t.hidden_states[1:])]).mean(0)
@@ -188,7 +252,9 @@ def evaluate(student: VLM, teacher: VLM, batches: list[Batch]) -> dict[str, floa
         totals["kl"] += token_kl(s.logits, t.logits, mask, 1.0).item() * n
         totals["top1"] += ((s.logits.argmax(-1) == t.logits.argmax(-1)) * mask).sum().item()
         tokens += n
-    return {k: v / tokens for k, v in totals.items()}
+    sums = torch.tensor([*totals.values(), tokens], dtype=torch.float64, device=next(student.parameters()).device)
+    *sums, tokens = sum_over_ranks(sums).tolist()
+    return {k: v / tokens for k, v in zip(totals, sums)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,26 +281,49 @@ def make_optimizer(params: dict[str, torch.nn.Parameter], cfg: DistillConfig) ->
 
 def save_checkpoint(student: VLM, out_dir: Path, source: Path | None, params: dict, optimizer, scheduler,
                     step: int, cfg: DistillConfig) -> None:
-    """A loadable model (LoRA merged into a copy in stage 3) plus trainer.pt, as one atomic directory."""
+    """A loadable model (LoRA merged into a copy in stage 3) plus trainer.pt, as one atomic directory.
+    trainer.pt records the number of ranks, so that --resume can tell a global batch split another way."""
     model = student
     if cfg.stage == 3:
         model = copy.deepcopy(student)
         merge_lora(model)
-    trainer = {"step": step, "config": asdict(cfg), "trained": {k: p.detach().cpu() for k, p in params.items()},
+    trainer = {"step": step, "config": asdict(cfg), "world_size": rank_and_world()[1],
+               "trained": {k: p.detach().cpu() for k, p in params.items()},
                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
     save_model(model, out_dir, source=source, extra={"trainer.pt": trainer})
 
 
-def restore_checkpoint(out_dir: Path, params: dict, optimizer, scheduler) -> int:
-    """Load trainer.pt of out_dir into the trained parameters, optimizer, schedule and RNGs -> next step."""
+def restore_checkpoint(out_dir: Path, params: dict, optimizer, scheduler, cfg: DistillConfig,
+                       log: Callable[[str], None]) -> int:
+    """Load trainer.pt of out_dir into the trained parameters, optimizer, schedule and RNGs -> next step.
+
+    The global batch (--batch-size x ranks x --grad-accum) must be the checkpoint's, so that each step
+    trains on the samples it would have. Split the same way, the run continues bitwise; split another
+    way, it continues correctly but not bitwise (its sums add up in another order), and says so.
+    """
     path = out_dir / "trainer.pt"
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no {path}; run the stage without --resume first")
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state["trained"].keys() != params.keys():
         raise InputError(f"--resume: {path} trained other parameters than this stage; check --stage and --branches")
+    world = rank_and_world()[1]
+    split = (world, cfg.batch_size, cfg.grad_accum)
+    ranks = state.get("world_size", 1)  # trainer.pt files from before torchrun have no world_size: one process
+    saved = (ranks, state["config"]["batch_size"], state["config"]["grad_accum"])
+    describe = "{} ranks x --batch-size {} x --grad-accum {}".format
+    if math.prod(split) != math.prod(saved):
+        samples = math.prod(saved)
+        if samples % world:
+            raise InputError(f"--resume: {path} trained on a global batch of {samples} samples, which {world} ranks "
+                             f"cannot share: resume on a number of ranks that divides {samples}")
+        raise InputError(f"--resume: {path} trained on a global batch of {samples} samples ({describe(*saved)}): "
+                         f"keep it, with --batch-size x --grad-accum = {samples // world} on {world} ranks")
+    if split != saved:
+        log(f"--resume: {path} was trained as {describe(*saved)}, this run is {describe(*split)}: the same "
+            "global batches, so training continues correctly, but not bitwise as a run split one way throughout")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(state["trained"][name])
@@ -247,63 +336,105 @@ def restore_checkpoint(out_dir: Path, params: dict, optimizer, scheduler) -> int
     return state["step"]
 
 
+def accumulate_gradients(model: VLM | DistributedDataParallel, teacher: VLM, batches: list[Batch],
+                         cfg: DistillConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward over this rank's micro-batches of a step -> the step's [loss, hidden, kl] and
+    real tokens, summed over the ranks.
+
+    The teacher runs on all of them first, so that the loss's normalizers are the global batch's (its
+    outputs on the rank's micro-batches are held at once: logits and hidden states, a fraction of what
+    a student pass keeps for its backward). Then each micro-batch's share of the loss is backpropagated.
+    DDP averages the gradients over the ranks in the last micro-batch's backward (no_sync before it), so
+    the shares are multiplied by the number of ranks: the gradients are those of the global batch as one batch.
+    """
+    world = rank_and_world()[1]
+    on_cuda = next(teacher.parameters()).device.type == "cuda"
+    with torch.autocast("cuda", torch.bfloat16, enabled=on_cuda):  # bf16 on CUDA, float32 on CPU
+        targets = [teacher_pass(teacher, batch) for batch in batches]
+    scales = sum_over_ranks(sum(loss_normalizers(target, batch) for target, batch in zip(targets, batches)))
+    terms = 0
+    for micro, (batch, target) in enumerate(zip(batches, targets)):
+        syncs = not isinstance(model, DistributedDataParallel) or micro + 1 == len(batches)
+        with contextlib.nullcontext() if syncs else model.no_sync():
+            with torch.autocast("cuda", torch.bfloat16, enabled=on_cuda):
+                loss, share = distill_loss(model, target, batch, cfg, scales)
+            (loss * world).backward()
+        terms = terms + share
+    return sum_over_ranks(terms), scales[0]
+
+
 def train_stage(student: VLM, teacher: VLM, batch_at: Callable[[int], Batch], eval_batches: list[Batch],
                 cfg: DistillConfig, out_dir: Path | None = None, source: Path | None = None,
                 resume: bool = False, log: Callable[[str], None] = tqdm.write) -> dict:
-    """Run one distillation stage: cfg.steps optimizer steps of cfg.grad_accum micro-batches each.
+    """Run one distillation stage: cfg.steps optimizer steps, each over cfg.grad_accum micro-batches per rank.
 
     batch_at(i) gives micro-batch i (the same i always gives the same batch, so a resumed run sees
-    the data the interrupted one would have). Evaluates every cfg.eval_every steps and at the end,
-    saves every cfg.save_every steps and at the end (if out_dir). Returns the last evaluation with
-    the training-loss history and each step's seconds (its batches, forward, backward and update).
+    the data the interrupted one would have). Step s takes micro-batches s G to s G + G - 1, G =
+    cfg.grad_accum x ranks: rank r every ranks-th of them from s G + r on. Under torchrun the student
+    trains wrapped in DDP. Evaluates every cfg.eval_every steps and at the end; rank 0 saves every
+    cfg.save_every steps and at the end (if out_dir). Returns the last evaluation with the training-loss
+    history, each step's seconds (its batches, forward, backward and update) and the seconds of each
+    spent waiting for its batches.
     """
+    rank, world = rank_and_world()
     params = prepare_stage(student, cfg)
     optimizer = make_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(cfg))
-    first = restore_checkpoint(out_dir, params, optimizer, scheduler) if resume else 0
+    first = restore_checkpoint(out_dir, params, optimizer, scheduler, cfg, log) if resume else 0
     if cfg.compile:  # whole layers with dynamic shapes: one compilation serves every batch's length
         for model in (student, teacher):
             compile_model(model)
-    on_cuda = next(student.parameters()).device.type == "cuda"
-    history, step_seconds = [], []
-    bar = tqdm(range(first, cfg.steps), initial=first, total=cfg.steps, desc=f"stage {cfg.stage}")
+    model = student  # what the steps run: under torchrun, DDP around the student
+    if dist.is_initialized():
+        # DDP wraps the student after its layers are compiled: its gradient hooks stay outside the compiled
+        # graphs, which stay whole (fullgraph), where compiling the wrapped model would split them at DDP's
+        # gradient buckets. A batch without images leaves parameters unused (Flex-MA's backward convolution,
+        # the connector's adapters), which DDP must expect; it warns once per rank when a first step used all.
+        model = DistributedDataParallel(student, find_unused_parameters=True)
+    history, step_seconds, data_seconds = [], [], []
     student.train()
-    for step in bar:
-        started, tokens = time.perf_counter(), 0
-        optimizer.zero_grad(set_to_none=True)
-        for micro in range(cfg.grad_accum):
-            batch = batch_at(step * cfg.grad_accum + micro)
-            with torch.autocast("cuda", torch.bfloat16, enabled=on_cuda):  # bf16 on CUDA, float32 on CPU
-                loss, parts = distill_loss(student, teacher, batch, cfg)
-            if not torch.isfinite(loss):
+    # A context: closed (its line ended) on an error too, before the error's line is printed.
+    with tqdm(range(first, cfg.steps), initial=first, total=cfg.steps, desc=f"stage {cfg.stage}") as bar:
+        for step in bar:
+            started = time.perf_counter()
+            try:
+                batches, error = [batch_at((step * cfg.grad_accum + micro) * world + rank)
+                                  for micro in range(cfg.grad_accum)], None
+            except InputError as bad_sample:
+                batches, error = [], bad_sample
+            stop_together(error)
+            data_seconds.append(time.perf_counter() - started)
+            optimizer.zero_grad(set_to_none=True)
+            terms, tokens = accumulate_gradients(model, teacher, batches, cfg)
+            loss, hidden, kl = terms.tolist()
+            if not math.isfinite(loss):
                 where = f"; the last good checkpoint in {out_dir} is intact" if out_dir else ""
-                raise DivergenceError(f"stage {cfg.stage}: loss is {loss.item()} at step {step} (hidden {parts['hidden']}, "
-                                      f"kl {parts['kl']}): lower --lr (now {cfg.learning_rate:g}) or check the data{where}")
-            (loss / cfg.grad_accum).backward()
-            tokens += int(batch["attention_mask"].sum())
-        torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.clip)
-        optimizer.step()
-        scheduler.step()
-        history.append(loss.item())
-        step_seconds.append(time.perf_counter() - started)
-        if cfg.compile and step == first:
-            log(f"stage {cfg.stage}: the first step took {step_seconds[0]:.1f} s, torch.compile's compilation included")
-        bar.set_postfix(loss=f"{loss.item():.4f}", hidden=f"{parts['hidden']:.4f}", kl=f"{parts['kl']:.4f}",
-                        tok_s=f"{tokens / (time.perf_counter() - started):.0f}")
-        last = step + 1 == cfg.steps
-        if eval_batches and not last and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            student.eval()
-            report(cfg.stage, step + 1, evaluate(student, teacher, eval_batches), log)
-            student.train()
-        if out_dir is not None and (last or (cfg.save_every and (step + 1) % cfg.save_every == 0)):
-            save_checkpoint(student, out_dir, source, params, optimizer, scheduler, step + 1, cfg)
+                raise DivergenceError(f"stage {cfg.stage}: loss is {loss} at step {step} (hidden {hidden}, kl {kl}): "
+                                      f"lower --lr (now {cfg.learning_rate:g}) or check the data{where}")
+            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.clip)
+            optimizer.step()
+            scheduler.step()
+            history.append(loss)
+            step_seconds.append(time.perf_counter() - started)
+            if cfg.compile and step == first:
+                log(f"stage {cfg.stage}: the first step took {step_seconds[0]:.1f} s, "
+                    "torch.compile's compilation included")
+            bar.set_postfix(loss=f"{loss:.4f}", hidden=f"{hidden:.4f}", kl=f"{kl:.4f}", wait=f"{data_seconds[-1]:.2f}s",
+                            tok_s=f"{tokens.item() / (time.perf_counter() - started):.0f}")
+            last = step + 1 == cfg.steps
+            if eval_batches and not last and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                student.eval()
+                report(cfg.stage, step + 1, evaluate(student, teacher, eval_batches), log)
+                student.train()
+            if out_dir is not None and rank == 0 and (last or (cfg.save_every and (step + 1) % cfg.save_every == 0)):
+                save_checkpoint(student, out_dir, source, params, optimizer, scheduler, step + 1, cfg)
     student.eval()
     if cfg.stage == 3:
         merge_lora(student)
     final = evaluate(student, teacher, eval_batches) if eval_batches else {}
     if final:
         report(cfg.stage, cfg.steps, final, log)
-    return {**final, "losses": history, "step_seconds": step_seconds}
+    return {**final, "losses": history, "step_seconds": step_seconds, "data_seconds": data_seconds}
 
 
 def report(stage: int, step: int, metrics: dict, log: Callable[[str], None]) -> None:
@@ -319,7 +450,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
     """One JSON object per line: {"image": path} or {"images": [paths]} or {"video": path (a file, or
     a folder of frames)}, with "prompt": the user's text and, optionally, "response": the assistant's
     answer (distilled too when given). Relative paths are relative to the JSONL file's folder.
-    InputError, naming the line, for a line that is not such an object or names a missing file."""
+    InputError, naming the line, for a line that is not such an object or names a missing file; each
+    sample keeps its line ("where", path:number), for an error found when it is decoded."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--data {path} does not exist: give a JSONL file of samples (see distill.py --help)")
@@ -338,7 +470,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 and all(isinstance(sample.get(key, ""), str) for key in ("video", "response"))):
             raise InputError(f"{path}:{number}: \"image\", \"video\" and \"response\" are strings, "
                              "\"images\" a list of strings")
-        sample["images"] = [path.parent / p for p in images]
+        sample["images"], sample["where"] = [path.parent / p for p in images], f"{path}:{number}"
         if "video" in sample:
             sample["video"] = path.parent / sample["video"]
         for file in sample["images"] + ([sample["video"]] if "video" in sample else []):
@@ -373,28 +505,33 @@ def synthetic_samples(count: int, seed: int) -> list[dict]:
                 frame[:, y // 2:y // 2 + 40 + size // 4, x + 20 * t:x + 20 * t + 40 + size // 4] = color
                 frames.append(frame)
             video = Video(torch.stack(frames).to(torch.uint8), [float(t) for t in range(8)], 8.0)
-            samples.append({"video": video, "prompt": "What happens in this video?"})
+            samples.append({"video": video, "prompt": "What happens in this video?", "where": f"synthetic sample {i}"})
         else:
             image = canvas(int(torch.randint(200, 600, ())), int(torch.randint(200, 600, ())))
             for _ in range(int(torch.randint(1, 5, (1,), generator=g))):
                 top, left, h, w = (int(v) for v in torch.randint(0, 180, (4,), generator=g))
                 image[:, top:top + h + 20, left:left + w + 20] = torch.rand(3, 1, 1, generator=g) * 255
-            samples.append({"images": [image.to(torch.uint8)], "prompt": prompts[i % len(prompts)]})
+            samples.append({"images": [image.to(torch.uint8)], "prompt": prompts[i % len(prompts)],
+                            "where": f"synthetic sample {i}"})
     return samples
 
 
-class SampleBatches:
-    """batch_at(i): micro-batch i of an endless sequence of seeded per-epoch shuffles of the samples,
-    put through the processor (chat template, image tiling, video frames) on demand."""
+class MicroBatches(Dataset):
+    """Micro-batch i of an endless sequence of seeded per-epoch shuffles of the samples (with shuffle
+    off: one pass in order, len() micro-batches), put through the processor (chat template, image
+    tiling, video frames) and collated: what a DataLoader worker prepares. The order is a function of
+    the seed and i alone. A sample the processor cannot read comes back as an InputError naming it and
+    its JSONL line, for the training process to raise: raised in a worker, it would reach that process
+    wrapped in the worker's traceback."""
 
-    def __init__(self, samples: list[dict], processor, batch_size: int, seed: int, device: str, shuffle: bool = True):
+    def __init__(self, samples: list[dict], processor, batch_size: int, seed: int, shuffle: bool):
         self.samples, self.processor, self.batch_size = samples, processor, batch_size
-        self.seed, self.device, self.shuffle = seed, device, shuffle
+        self.seed, self.shuffle = seed, shuffle
 
     def __len__(self) -> int:
         return math.ceil(len(self.samples) / self.batch_size)
 
-    def __call__(self, index: int) -> Batch:
+    def sample_indices(self, index: int) -> list[int]:
         n = len(self.samples)
         picks = []
         for k in range(index * self.batch_size, (index + 1) * self.batch_size):
@@ -403,9 +540,17 @@ class SampleBatches:
                 break
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch)) if self.shuffle \
                 else torch.arange(n)
-            picks.append(self.samples[int(order[position])])
-        batch = self.processor.collate([self.process(s) for s in picks])
-        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            picks.append(int(order[position]))
+        return picks
+
+    def __getitem__(self, index: int) -> Batch | InputError:
+        prepared = []
+        for k in self.sample_indices(index):
+            try:
+                prepared.append(self.process(self.samples[k]))
+            except (InputError, OSError) as error:
+                return InputError(f"{self.samples[k]['where']}: {error}")
+        return self.processor.collate(prepared)
 
     def process(self, sample: dict) -> dict:
         content = [{"type": "image"} for _ in sample.get("images", [])]
@@ -415,6 +560,45 @@ class SampleBatches:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": sample["response"]}]})
         return self.processor(messages, images=sample.get("images", []), video=sample.get("video"),
                               add_generation_prompt=not sample.get("response"))
+
+
+def as_collated(batch: Batch | InputError) -> Batch | InputError:
+    """The DataLoader's collate_fn: MicroBatches collates (the default would turn the grids' tuples into lists)."""
+    return batch
+
+
+class SampleBatches:
+    """batch_at(i): MicroBatches' micro-batch i on the device, prepared by a DataLoader whose `workers`
+    processes prepare the next ones while the step runs (0: the calling process prepares each when asked).
+
+    A rank asks for i, i + stride, i + 2 stride, ... (its share of every step's micro-batches): one pass
+    of the loader, its sampler that sequence, serves them in turn; asked for any other index, a new pass
+    starts there. Pinned memory on CUDA, so that the copy to the device does not wait on the step.
+    """
+
+    def __init__(self, samples: list[dict], processor, batch_size: int, seed: int, device: str, shuffle: bool = True,
+                 workers: int = 0, stride: int = 1):
+        self.dataset = MicroBatches(samples, processor, batch_size, seed, shuffle)
+        self.device, self.workers, self.stride = torch.device(device), workers, stride
+        self.batches, self.next_index = None, None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __call__(self, index: int) -> Batch:
+        if index != self.next_index:
+            end = sys.maxsize if self.dataset.shuffle else len(self.dataset)
+            # A generator of its own: each pass draws a seed for its workers, which must not move the global
+            # RNG (it initializes stage 3's adapters, and --resume restores it).
+            self.batches = iter(DataLoader(self.dataset, batch_size=None, sampler=range(index, end, self.stride),
+                                           num_workers=self.workers, collate_fn=as_collated,
+                                           pin_memory=self.device.type == "cuda",
+                                           generator=torch.Generator().manual_seed(self.dataset.seed)))
+        self.next_index = index + self.stride
+        batch = next(self.batches)
+        if isinstance(batch, InputError):
+            raise batch
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,6 +658,9 @@ def smoke(args: argparse.Namespace) -> dict:
     else:
         after = f"then {rest[0]:.3f} s for the second step" if rest else "no later step to time (--steps 2 or more)"
     print(f"smoke: first step {first:.2f} s (compilation and warm-up included), {after}")
+    if rest:
+        print(f"smoke: the steps after the first waited {statistics.median(result['data_seconds'][1:]):.3f} s each "
+              f"for their batches (median; {args.workers} DataLoader workers per rank)")
     if device.type == "cuda":
         peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (torch.cuda.max_memory_allocated " \
                "while loading both models and running the stage)"
@@ -486,6 +673,12 @@ def smoke(args: argparse.Namespace) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 # Command line
+
+
+def default_workers() -> int:
+    """DataLoader workers per rank: this machine's CPUs less one per rank (which runs the step), shared
+    among the ranks torchrun starts here (LOCAL_WORLD_SIZE), at most 8."""
+    return max(0, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -503,11 +696,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=DEFAULT_OUT, help="stage N writes OUT/stageN")
     p.add_argument("--data", help="JSONL file of samples: {\"image\"|\"images\"|\"video\": ..., \"prompt\": ..., "
                                   "\"response\": optional}; default: a synthetic set generated in-process")
-    p.add_argument("--synthetic-samples", type=int, default=48, help="size of the synthetic set when --data is not given")
+    p.add_argument("--synthetic-samples", type=int, default=48,
+                   help="size of the synthetic set when --data is not given")
     p.add_argument("--eval-samples", type=int, default=4, help="samples held out for evaluation")
     p.add_argument("--steps", type=int, help=f"optimizer steps ({d.steps}; {SMOKE_STEPS} with --smoke)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per micro-batch (per rank)")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum,
+                   help="micro-batches per optimizer step (per rank): a step's global batch is --batch-size x "
+                        "ranks x --grad-accum samples")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="DataLoader processes (per rank) that prepare batches while the step runs; 0: the training "
+                        "process prepares each batch itself. The default leaves one of this machine's CPUs to each "
+                        "rank's step and takes the others, at most 8 a rank")
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default per stage: {STAGE_LR})")
     p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps before the cosine decay")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay on matrices")
@@ -547,9 +747,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("the following arguments are required: --stage (or --smoke)")
     args.steps = args.steps if args.steps is not None else SMOKE_STEPS if args.smoke else d.steps
     check_device(args.device)
-    check_bounds(args, at_least={"steps": 1, "batch_size": 1, "grad_accum": 1, "warmup": 0, "weight_decay": 0,
-                                 "hidden_weight": 0, "kl_weight": 0, "lora_rank": 1, "eval_every": 0, "save_every": 0,
-                                 "eval_samples": 1, "synthetic_samples": 1},
+    check_bounds(args, at_least={"steps": 1, "batch_size": 1, "grad_accum": 1, "workers": 0, "warmup": 0,
+                                 "weight_decay": 0, "hidden_weight": 0, "kl_weight": 0, "lora_rank": 1, "eval_every": 0,
+                                 "save_every": 0, "eval_samples": 1, "synthetic_samples": 1},
                  above={"lr": 0, "clip": 0, "temperature": 0})
     return args
 
@@ -589,25 +789,69 @@ def run_stage(args: argparse.Namespace) -> dict:
     tuning = tuning_for(torch.device(args.device))
     student = tune(load_model(init, args.device), replace(tuning, fused=False))  # it trains: no fused copies
     teacher = tune(load_model(teacher_path, args.device), tuning).requires_grad_(False)
-    held_out = SampleBatches(samples[:args.eval_samples], processor, cfg.batch_size, cfg.seed, args.device, shuffle=False)
-    batches = SampleBatches(samples[args.eval_samples:], processor, cfg.batch_size, cfg.seed, args.device)
+    held_out = SampleBatches(samples[:args.eval_samples], processor, cfg.batch_size, cfg.seed, args.device,
+                             shuffle=False)
+    batches = SampleBatches(samples[args.eval_samples:], processor, cfg.batch_size, cfg.seed, args.device,
+                            workers=args.workers, stride=rank_and_world()[1])
     return train_stage(student, teacher, batches, [held_out(i) for i in range(len(held_out))], cfg,
                        out_dir=Path(args.out) / f"stage{cfg.stage}", source=init, resume=args.resume)
 
 
-@user_errors("distill.py", DivergenceError)
+@contextlib.contextmanager
+def torchrun_group(args: argparse.Namespace):
+    """Under torchrun (its WORLD_SIZE in the environment): this rank's device in args.device (cuda:LOCAL_RANK
+    on CUDA) and, for the run's duration, a process group, NCCL on CUDA and gloo on a CPU. Without torchrun,
+    nothing: one process."""
+    if "WORLD_SIZE" not in os.environ:
+        yield
+        return
+    device = torch.device(args.device)
+    if device.type not in ("cuda", "cpu"):
+        raise InputError(f"--device {args.device}: under torchrun, distill.py runs on CUDA (NCCL) or a CPU (gloo)")
+    if device.type == "cuda":
+        if device.index is not None:
+            raise InputError(f"--device {args.device}: under torchrun each rank takes the GPU of its LOCAL_RANK; "
+                             "pass --device cuda")
+        device = check_device(f"cuda:{os.environ['LOCAL_RANK']}")
+        torch.cuda.set_device(device)
+        args.device = str(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """Run the stage the flags name (or the --smoke check) and return its result (train_stage's)."""
+    """Run the stage the flags name (or the --smoke check) and return its result (train_stage's).
+
+    Under torchrun, ranks other than 0 print nothing: rank 0 speaks for the run, its one error line
+    included (the ranks meet the same errors, see stop_together, and all exit with status 2). A bug's
+    traceback still shows on every rank.
+    """
+    with contextlib.ExitStack() as silence:
+        if int(os.environ.get("RANK", "0")) > 0:  # torchrun's rank
+            devnull = silence.enter_context(open(os.devnull, "w"))
+            silence.enter_context(contextlib.redirect_stdout(devnull))
+            silence.enter_context(contextlib.redirect_stderr(devnull))
+        return run_command(argv)
+
+
+@user_errors("distill.py", DivergenceError)
+def run_command(argv: list[str] | None) -> dict:
+    """main's work, under the one-line error convention (user_errors)."""
     args = parse_args(argv)
-    if args.smoke:
-        return smoke(args)
-    result = run_stage(args)
-    print(f"stage {args.stage} done: held-out hidden cosine {result['cosine']:.4f}, KL {result['kl']:.4f}, "
-          f"top-1 agreement {result['top1']:.3f}; student written to {Path(args.out) / f'stage{args.stage}'}")
-    if args.stage < 3:
-        teacher_flag = "" if args.teacher == DEFAULT_TEACHER else f" --teacher {args.teacher}"
-        print(f"next: python distill.py --stage {args.stage + 1} --out {args.out}{teacher_flag}")
-    return result
+    with torchrun_group(args):
+        if args.smoke:
+            return smoke(args)
+        result = run_stage(args)
+        print(f"stage {args.stage} done: held-out hidden cosine {result['cosine']:.4f}, KL {result['kl']:.4f}, "
+              f"top-1 agreement {result['top1']:.3f}; student written to {Path(args.out) / f'stage{args.stage}'}")
+        if args.stage < 3:
+            teacher_flag = "" if args.teacher == DEFAULT_TEACHER else f" --teacher {args.teacher}"
+            print(f"next: python distill.py --stage {args.stage + 1} --out {args.out}{teacher_flag}")
+        return result
 
 
 if __name__ == "__main__":

@@ -37,19 +37,25 @@ def next_token(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0,
 def generate(model: VLM, input_ids: Tensor, pixel_values: Tensor | None = None,
              pixel_attention_mask: Tensor | None = None, grids: list | None = None, max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, eos_token_id: int | None = None,
-             generator: torch.Generator | None = None) -> Tensor:
-    """Continue a batch of equal-length prompts (no padding) -> new token ids (B, <= max_new_tokens).
+             generator: torch.Generator | None = None, attention_mask: Tensor | None = None) -> Tensor:
+    """Continue a batch of prompts -> new token ids (B, <= max_new_tokens).
 
-    The prompt, images and video included, is read once (prefill); each new token is then one step
-    on the caches (a CUDA graph on CUDA): the teacher's KV cache, allocated for the prompt and the
-    new tokens, the LinMU student's Flex-MA state and Local-Swin ring, whose size does not depend
-    on the context. Sequences that produced eos_token_id keep producing it until all have.
+    Prompts of different lengths come right-padded, with attention_mask (B, L) 0 on the padding (as
+    processing.Processor.collate batches them); each sequence continues from its own end, and gets
+    the tokens it would get alone. The prompt, images and video included, is read once (prefill);
+    each new token is then one step on the caches (a CUDA graph on CUDA): the teacher's KV cache,
+    allocated for the prompt and the new tokens, the LinMU student's Flex-MA state and Local-Swin
+    ring, whose size does not depend on the context. Sequences that produced eos_token_id keep
+    producing it until all have.
     """
-    out = model(input_ids, pixel_values, pixel_attention_mask, grids, new_tokens=max_new_tokens)
+    out = model(input_ids, pixel_values, pixel_attention_mask, grids, new_tokens=max_new_tokens,
+                attention_mask=attention_mask)
     step = decoder(model, out.caches)
-    position = torch.tensor([input_ids.shape[1]], device=input_ids.device)
-    logits = out.logits[:, -1]
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    batch, length = input_ids.shape
+    position = (attention_mask.sum(1) if attention_mask is not None  # (B,) each sequence's next position
+                else torch.full((batch,), length, device=input_ids.device))
+    logits = out.logits[torch.arange(batch, device=input_ids.device), position - 1]  # (B, V) at each one's end
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     tokens = []
     for i in range(max_new_tokens):
         token = next_token(logits, temperature, top_p, generator)
@@ -111,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     ids = generate(model, batch["input_ids"].to(args.device), pixels, grids=batch["grids"],
                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    eos_token_id=processor.eos_token_id,
-                   generator=torch.Generator(args.device).manual_seed(args.seed))
+                   generator=torch.Generator(args.device).manual_seed(args.seed),
+                   attention_mask=batch["attention_mask"].to(args.device))
     print(processor.decode(ids[0]).strip())
 
 

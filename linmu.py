@@ -220,19 +220,27 @@ class TokenLayout:
     positions: (B, L) absolute positions (for RoPE);
     visual:    (B, L) True for image/video tokens;
     cells:     (B, L, 4) (grid, frame, row, col) of each visual token, -1 for text;
-    grid_shapes: per batch element, the (frames, rows, cols) of each visual grid in order.
+    grid_shapes: per batch element, the (frames, rows, cols) of each visual grid in order;
+    lengths:   (B,) each sequence's real tokens: the first lengths[b], the rest right padding.
     An image tile is a (1, rows, cols) grid, a video a (frames, rows, cols) grid.
+
+    Right padding is text after every real token: no real token's output depends on it (text and
+    Local-Swin are causal, the backward scan and Swin windows see visual tokens only), and no
+    decoding state is built from it (FlexMA.forward, LocalSwin.forward).
     """
 
     positions: Tensor
     visual: Tensor
     cells: Tensor
     grid_shapes: list[list[tuple[int, int, int]]]
+    lengths: Tensor
 
     @classmethod
-    def build(cls, input_ids: Tensor, image_token_id: int,
-              grids: list[list[tuple[int, int, int]]] | None) -> TokenLayout:
-        """Lay out a prompt: the image tokens of row b fill grids[b] in order, each frame row-major."""
+    def build(cls, input_ids: Tensor, image_token_id: int, grids: list[list[tuple[int, int, int]]] | None,
+              attention_mask: Tensor | None = None) -> TokenLayout:
+        """Lay out a prompt: the image tokens of row b fill grids[b] in order, each frame row-major.
+        attention_mask (B, L): 1 on real tokens, 0 on right padding (as processing.Processor.collate
+        pads); None: no padding."""
         batch, length = input_ids.shape
         device = input_ids.device
         grid_shapes = [list(map(tuple, g)) for g in grids] if grids is not None else [[] for _ in range(batch)]
@@ -240,6 +248,19 @@ class TokenLayout:
             raise ValueError(f"grids has {len(grid_shapes)} entries for a batch of {batch}: give one list of "
                              "(frames, rows, cols) per sequence")
         visual = input_ids == image_token_id
+        if attention_mask is None:
+            lengths = torch.full((batch,), length, device=device)
+        else:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask {list(attention_mask.shape)} is not the shape of input_ids "
+                                 f"{list(input_ids.shape)}")
+            lengths = attention_mask.sum(1)
+            real = torch.arange(length, device=device) < lengths[:, None]  # (B, L)
+            if not torch.equal(attention_mask.bool(), real) or not bool(lengths.all()):
+                raise ValueError("attention_mask is not right padding: each row must be 1 on its real tokens (one at "
+                                 "least), then 0 on padding; left padding and holes are not supported")
+            if bool((visual & ~real).any()):
+                raise ValueError("image tokens in the padding (attention_mask 0): pad with a text token")
         cells = torch.full((batch, length, 4), -1, dtype=torch.long, device=device)
         for b, shapes in enumerate(grid_shapes):
             where = visual[b].nonzero().squeeze(1)
@@ -251,7 +272,7 @@ class TokenLayout:
                 t, y, x = torch.meshgrid(*(torch.arange(n, device=device) for n in (f, r, c)), indexing="ij")
                 cells[b, idx] = torch.stack([torch.full_like(t, g), t, y, x], -1).reshape(-1, 4)
         positions = torch.arange(length, device=device).expand(batch, length)
-        return cls(positions, visual, cells, grid_shapes)
+        return cls(positions, visual, cells, grid_shapes, lengths)
 
 
 
@@ -289,8 +310,8 @@ def major_order(layout: TokenLayout, axes: tuple[int, int, int]) -> tuple[Tensor
 
 @dataclass
 class FlexMACache:
-    """Flex-MA's decoding state, updated in place: the last conv_kernel - 1 conv inputs (B, C, K-1) and the
-    SSM state (B, H, P, N)."""
+    """Flex-MA's decoding state, updated in place: each sequence's last conv_kernel - 1 conv inputs (B, C, K-1)
+    and its SSM state (B, H, P, N), both after its last real token."""
 
     conv: Tensor
     ssm: Tensor
@@ -400,26 +421,37 @@ class FlexMA(nn.Module):
         return self.out_proj(self.norm(y * gate).flatten(2))
 
     def forward(self, u: Tensor, visual: Tensor | None, scan: tuple[Tensor, Tensor] | None = None,
-                chunking: Chunking = Chunking()) -> tuple[Tensor, FlexMACache]:
+                chunking: Chunking = Chunking(), lengths: Tensor | None = None) -> tuple[Tensor, FlexMACache]:
         """Full-sequence pass. u: (B, L, D); visual: (B, L) bool, or None for a prompt without visual
         tokens (no backward scan); scan: this layer's (order, inverse) of Rotary Major-Scan, or None
-        to scan the prompt's own order; chunking: the scan's. Returns (B, L, D) and the decoding cache."""
+        to scan the prompt's own order; chunking: the scan's; lengths: (B,) each sequence's real
+        tokens, right padding after them (TokenLayout), None for none. Returns (B, L, D) and the
+        decoding cache, each sequence's state after its last real token.
+
+        Padding gets dt = 0, which leaves the state unchanged (as for text in the backward scan), so
+        the forward scan's final state is the one after the last real token; the conv state is
+        each sequence's last K - 1 real inputs. Padding is text, which a Rotary Major-Scan leaves in
+        place: in scan order too, a sequence's real tokens come first."""
+        batch, length, _ = u.shape
+        lengths = torch.full((batch,), length, device=u.device) if lengths is None else lengths
         if scan is not None:  # visual positions stay visual: the mask holds for the permuted sequence
             u = u.gather(1, scan[0][..., None].expand_as(u))
         z, xBC, dt = self._split(u)
-        dt = F.softplus(dt + self.dt_bias)  # (B, L, H)
+        real = torch.arange(length, device=u.device) < lengths[:, None]  # (B, L)
+        dt = F.softplus(dt + self.dt_bias) * real[..., None]  # (B, L, H)
         y, ssm = self._scan(xBC, dt, visual, chunking)  # (B, L, H, P)
         out = self._output(y, z)
         if scan is not None:
             out = out.gather(1, scan[1][..., None].expand_as(out))  # back in the prompt's order
-        return out, FlexMACache(self.conv_state(xBC), ssm)
+        return out, FlexMACache(self.conv_state(xBC, lengths), ssm)
 
-    def conv_state(self, xBC: Tensor) -> Tensor:
-        """The decoding cache's conv inputs: the last K-1 of xBC (B, L, conv_dim), zeros before the
-        first token -> (B, conv_dim, K-1)."""
+    def conv_state(self, xBC: Tensor, lengths: Tensor) -> Tensor:
+        """The decoding cache's conv inputs: each sequence's last K-1 real inputs of xBC (B, L, conv_dim),
+        lengths (B,) real tokens, zeros before the first token -> (B, conv_dim, K-1)."""
         K = self.conv_forward.kernel_size[0]
-        last = xBC[:, max(0, xBC.shape[1] - (K - 1)):].transpose(1, 2)  # the last K-1 inputs (fewer for short prompts)
-        return F.pad(last, (K - 1 - last.shape[-1], 0))
+        last = lengths[:, None] - (K - 1) + torch.arange(K - 1, device=xBC.device)  # (B, K-1) the last real positions
+        state = xBC.gather(1, last.clamp(min=0)[..., None].expand(-1, -1, xBC.shape[-1]))  # (B, K-1, C)
+        return torch.where(last[..., None] >= 0, state, 0).transpose(1, 2)  # (B, C, K-1): 0 before the first
 
     def step(self, u: Tensor, cache: FlexMACache) -> Tensor:
         """One new text token, O(1) in the context length: u (B, 1, D) -> (B, 1, D); the cache is updated in place."""
@@ -472,17 +504,24 @@ class KVCache:
     """Keys (after RoPE) and values kept for decoding, in buffers allocated once and written in
     place: (B, kv heads, slots, Dh). The teacher keeps every token (slot = position, with room for
     the tokens to generate); Local-Swin a ring of its text window (slot = position mod window).
-    Slots not yet written hold zeros and are masked out."""
+    Each sequence has its own position: slots it has not written yet (past its prompt, or before
+    it in the ring) hold any finite values and are masked out."""
 
     k: Tensor
     v: Tensor
 
+    def write(self, slot: Tensor, k: Tensor, v: Tensor) -> None:
+        """Each sequence's new key and value, k and v (B, 1, Hkv, Dh), written in place at its own slot (B,)."""
+        index = slot[:, None, None, None].expand(-1, self.k.shape[1], 1, self.k.shape[3])  # (B, Hkv, 1, Dh)
+        self.k.scatter_(2, index, k.transpose(1, 2))
+        self.v.scatter_(2, index, v.transpose(1, 2))
+
 
 def cached_attention(q: Tensor, cache: KVCache, visible: Tensor) -> Tensor:
     """One new token per sequence attends to the cache's visible slots: q (B, 1, H, Dh), visible
-    (slots,) bool -> (B, 1, H Dh). SDPA with enable_gqa, rather than a kv head's query heads laid
+    (B, slots) bool -> (B, 1, H Dh). SDPA with enable_gqa, rather than a kv head's query heads laid
     along the query axis (RESULTS.md, "Decoding attention form")."""
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), cache.k, cache.v, attn_mask=visible[None],
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), cache.k, cache.v, attn_mask=visible[:, None, None],
                                        enable_gqa=True)  # (B, H, 1, Dh)
     return y.transpose(1, 2).flatten(2)
 
@@ -614,24 +653,30 @@ class LocalSwin(AttentionProjections):
         super().__init__(d_model, heads, kv_heads, head_dim)
         self.text_window = cfg.text_window
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], windows: LocalWindows) -> tuple[Tensor, KVCache]:
-        """Full-sequence pass: x (B, L, D) -> (B, L, D) and the text window's ring for decoding."""
-        out, ring = self.attend_windows(*self.qkv(x, *rope), windows)
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], windows: LocalWindows,
+                lengths: Tensor | None = None) -> tuple[Tensor, KVCache]:
+        """Full-sequence pass: x (B, L, D) -> (B, L, D) and the text window's ring for decoding, which
+        holds each sequence's last W - 1 real tokens (lengths (B,), right padding after them, as in
+        TokenLayout; None for none)."""
+        out, ring = self.attend_windows(*self.qkv(x, *rope), windows, lengths)
         return self.o_proj(out), ring
 
-    def attend_windows(self, q: Tensor, k: Tensor, v: Tensor, windows: LocalWindows) -> tuple[Tensor, KVCache]:
+    def attend_windows(self, q: Tensor, k: Tensor, v: Tensor, windows: LocalWindows,
+                       lengths: Tensor | None) -> tuple[Tensor, KVCache]:
         """The prompt's windows: q (B, L, H, Dh), k and v (B, L, Hkv, Dh) -> the attention's output
         (B, L, H Dh), before o_proj, and the ring of the text window (speed.FusedMMATE projects its own q, k, v)."""
         batch, length = q.shape[:2]
         q, k, v = (t.flatten(0, 1) for t in (q, k, v))  # (B * L, h, Dh)
         slots = torch.cat([self.attend(q, k, v, w).flatten(0, 1) for w in windows.present])  # every query slot
         out = slots[windows.source]  # (B * L, H, Dh): each token's output, from the window that gives it
-        # the ring: position p in slot p mod W; the last W - 1 prompt tokens are in it (slots of
-        # positions before the prompt, p < 0, get any finite values: they stay masked until overwritten)
+        # the ring: position p in slot p mod W. Of a sequence of n real tokens, slot s holds the p = s mod W
+        # in [n - W, n): the last W - 1 real tokens, and in slot n mod W the one the next token overwrites
+        # (slots of positions before the prompt, p < 0, get any finite values: masked until overwritten)
         W = self.text_window
-        last = torch.arange(length - (W - 1), length, device=q.device)  # (W - 1,)
-        ring = [k.new_zeros(batch, self.num_kv_heads, W, self.head_dim).index_copy_(
-            2, last % W, t.unflatten(0, (batch, length))[:, last.clamp(min=0)].transpose(1, 2)) for t in (k, v)]
+        n = torch.full((batch, 1), length, device=q.device) if lengths is None else lengths[:, None]
+        held = n - W + (torch.arange(W, device=q.device) - n) % W  # (B, W) the position in each slot
+        index = held.clamp(min=0)[:, None, :, None].expand(-1, self.num_kv_heads, -1, self.head_dim)  # (B, Hkv, W, Dh)
+        ring = [t.unflatten(0, (batch, length)).transpose(1, 2).gather(2, index) for t in (k, v)]  # (B, Hkv, W, Dh)
         return out.unflatten(0, (batch, length)).flatten(2), KVCache(*ring)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, windows: Windows) -> Tensor:
@@ -639,16 +684,15 @@ class LocalSwin(AttentionProjections):
         return window_attention(q, k, v, windows)
 
     def step(self, x: Tensor, rope: tuple[Tensor, Tensor], position: Tensor, cache: KVCache) -> Tensor:
-        """One new text token at `position` ((1,) tensor): x (B, 1, D) attends to the ring and itself -> (B, 1, D)."""
+        """One new text token per sequence, at its own position ((B,) long): x (B, 1, D) attends to its
+        ring and itself -> (B, 1, D)."""
         return self.o_proj(self.attend_ring(*self.qkv(x, *rope), position, cache))
 
     def attend_ring(self, q: Tensor, k: Tensor, v: Tensor, position: Tensor, cache: KVCache) -> Tensor:
-        """One new token at `position` ((1,) tensor): its key and value k, v (B, 1, Hkv, Dh) into the ring,
-        its query q (B, 1, H, Dh) over the ring -> (B, 1, H Dh), before o_proj."""
-        slot = position % self.text_window
-        cache.k.index_copy_(2, slot, k.transpose(1, 2))
-        cache.v.index_copy_(2, slot, v.transpose(1, 2))
-        filled = torch.arange(self.text_window, device=q.device) <= position  # all once position >= W - 1
+        """One new token per sequence at its position ((B,) long): its key and value k, v (B, 1, Hkv, Dh)
+        into the ring, its query q (B, 1, H, Dh) over the ring -> (B, 1, H Dh), before o_proj."""
+        cache.write(position % self.text_window, k, v)
+        filled = torch.arange(self.text_window, device=q.device) <= position[:, None]  # (B, W): all once p >= W - 1
         return cached_attention(q, cache, filled)
 
 
@@ -665,13 +709,15 @@ class PromptPlan:
     compiled graph serves every layer (speed.compile_model).
 
     rope: (cos, sin), each (B, L, Dh); visual: (B, L) bool, or None when the prompt has no visual
-    token; windows: this layer's Local-Swin windows, None for the teacher; scan: this layer's
+    token; lengths: (B,) each sequence's real tokens, right padding after them (TokenLayout);
+    windows: this layer's Local-Swin windows, None for the teacher; scan: this layer's
     Rotary Major-Scan (order, inverse), None to scan the prompt's own order (the teacher, without
     rotary_scan or visual tokens, and the first of MAJOR_ORDERS); new_tokens: how many tokens the
     decoding caches leave room for after the prompt; chunking: Flex-MA's scan's."""
 
     rope: tuple[Tensor, Tensor]
     visual: Tensor | None
+    lengths: Tensor
     windows: LocalWindows | None
     scan: tuple[Tensor, Tensor] | None = None
     new_tokens: int = 0
@@ -686,7 +732,7 @@ class PromptPlan:
         has_visual, has_text = bool(layout.visual.any()), not bool(layout.visual.all())
         visual = layout.visual if has_visual else None
         if mixer is None:
-            return [cls(rope, visual, None, None, new_tokens, chunking)] * layers
+            return [cls(rope, visual, layout.lengths, None, None, new_tokens, chunking)] * layers
         patterns = [layer_pattern(index) for index in range(layers)]
         scans = {order: major_order(layout, MAJOR_ORDERS[order]) if order and mixer.rotary_scan and has_visual else None
                  for order in {pattern["scan_order"] for pattern in patterns}}  # order 0 is the prompt's own
@@ -695,8 +741,8 @@ class PromptPlan:
         windows = {shifted: LocalWindows.build(layout, text,
                                                swin_windows(layout, shape, shifted) if has_visual else None)
                    for shifted in {pattern["shifted"] for pattern in patterns}}
-        return [cls(rope, visual, windows[pattern["shifted"]], scans[pattern["scan_order"]], new_tokens, chunking)
-                for pattern in patterns]
+        return [cls(rope, visual, layout.lengths, windows[pattern["shifted"]], scans[pattern["scan_order"]], new_tokens,
+                    chunking) for pattern in patterns]
 
 
 def layer_pattern(index: int) -> dict:
@@ -771,14 +817,16 @@ class MMATE(nn.Module):
 
     def forward(self, x: Tensor, plan: PromptPlan) -> tuple[Tensor, MMATECache]:
         """The mixer contract of the decoder, for the whole prompt: x (B, L, D) -> (B, L, D) and the decoding cache."""
-        flex, flex_cache = (self.flex(x, plan.visual, plan.scan, plan.chunking) if self.branches != "swin"
+        flex, flex_cache = (self.flex(x, plan.visual, plan.scan, plan.chunking, plan.lengths) if self.branches != "swin"
                             else (None, None))
-        swin, swin_cache = self.swin(x, plan.rope, plan.windows) if self.branches != "flex" else (None, None)
+        swin, swin_cache = (self.swin(x, plan.rope, plan.windows, plan.lengths) if self.branches != "flex"
+                            else (None, None))
         return self._mix(x, flex, swin), MMATECache(flex_cache, swin_cache)
 
     def step(self, x: Tensor, rope: tuple[Tensor, Tensor], position: Tensor, cache: MMATECache) -> Tensor:
-        """One new text token, O(1) in the context: Flex-MA's recurrent step and Local-Swin's ring.
-        x (B, 1, D) at `position` ((1,) tensor) -> (B, 1, D); the cache is updated in place."""
+        """One new text token per sequence, O(1) in the context: Flex-MA's recurrent step and Local-Swin's
+        ring. x (B, 1, D), each sequence at its own `position` ((B,) long) -> (B, 1, D); the cache is
+        updated in place."""
         flex = self.flex.step(x, cache.flex) if self.branches != "swin" else None
         swin = self.swin.step(x, rope, position, cache.swin) if self.branches != "flex" else None
         return self._mix(x, flex, swin)

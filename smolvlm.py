@@ -328,11 +328,12 @@ class Attention(AttentionProjections):
         return self.o_proj(y.transpose(1, 2).flatten(2)), cache
 
     def step(self, x: Tensor, rope: tuple[Tensor, Tensor], position: Tensor, cache: KVCache) -> Tensor:
-        """One new token at `position` ((1,) tensor): x (B, 1, D) -> (B, 1, D), its key and value written in place."""
+        """One new token per sequence, at its own position ((B,) long): x (B, 1, D) -> (B, 1, D), its key
+        and value written in place at slot = position. The slots past a sequence's position hold its
+        padding, or nothing yet: masked, then overwritten as it decodes."""
         q, k, v = self.qkv(x, *rope)
-        cache.k.index_copy_(2, position, k.transpose(1, 2))
-        cache.v.index_copy_(2, position, v.transpose(1, 2))
-        visible = torch.arange(cache.k.shape[2], device=x.device) <= position  # the slots written so far
+        cache.write(position, k, v)
+        visible = torch.arange(cache.k.shape[2], device=x.device) <= position[:, None]  # (B, slots) written so far
         return self.o_proj(cached_attention(q, cache, visible))
 
 
@@ -425,9 +426,9 @@ class TextModel(nn.Module):
         return self.norm(h), caches, hidden_states
 
     def step(self, h: Tensor, position: Tensor, caches: list) -> Tensor:
-        """One new token per sequence, all at `position` ((1,) long tensor): h (B, 1, D) -> final-normed (B, 1, D).
-        Fixed shapes and no host synchronisation; the caches are updated in place."""
-        rope = tuple(t.to(h.dtype) for t in self.rotary(position.expand(h.shape[0], 1)))
+        """One new token per sequence, each at its own position ((B,) long): h (B, 1, D) -> final-normed
+        (B, 1, D). Fixed shapes and no host synchronisation; the caches are updated in place."""
+        rope = tuple(t.to(h.dtype) for t in self.rotary(position[:, None]))  # (B, 1, Dh) each
         for layer, cache in zip(self.layers, caches):
             h = layer.step(h, rope, position, cache)
         return self.norm(h)
@@ -511,21 +512,27 @@ class VLM(nn.Module):
 
     def forward(self, input_ids: Tensor, pixel_values: Tensor | None = None, pixel_attention_mask: Tensor | None = None,
                 grids: list[list[tuple[int, int, int]]] | None = None, new_tokens: int = 0,
-                output_hidden_states: bool = False) -> VLMOutput:
-        """A whole prompt, input_ids (B, L) -> logits (B, L, V) and decoding caches with room for new_tokens more."""
+                output_hidden_states: bool = False, attention_mask: Tensor | None = None) -> VLMOutput:
+        """A whole prompt, input_ids (B, L) -> logits (B, L, V) and decoding caches with room for new_tokens more.
+
+        attention_mask (B, L): 1 on real tokens, 0 on right padding (processing.Processor.collate's),
+        None for none. Padding changes no real token's logits, and the caches hold each sequence as
+        it ends: decoding continues sequence b at position attention_mask[b].sum() (VLM.step)."""
         features = self.encode_images(pixel_values, pixel_attention_mask) if pixel_values is not None else None
         h = self.embed(input_ids, features)
         grids = grids if grids is not None else self.default_grids(input_ids)
-        layout = TokenLayout.build(input_ids, self.config.image_token_id, grids)
+        layout = TokenLayout.build(input_ids, self.config.image_token_id, grids, attention_mask)
         h, caches, hidden_states = self.model.text_model(h, layout, new_tokens, output_hidden_states)
         return VLMOutput(self.lm_head(h), caches, hidden_states)
 
     @torch.no_grad()  # else the caches, written from trainable weights, would join the autograd graph
     def step(self, token: Tensor, position: Tensor, caches: list) -> Tensor:
-        """One decoding step: text tokens (B,) at `position` ((1,) long tensor, the same for every
-        sequence) -> next-token logits (B, V). The caches, from forward(..., new_tokens=N), are
-        updated in place; the shapes are fixed and nothing waits on the host, so a step can be
-        recorded as a CUDA graph (speed.decoder)."""
+        """One decoding step: text tokens (B,), each at its own sequence's `position` ((B,) long) ->
+        next-token logits (B, V). The caches, from forward(..., new_tokens=N), are updated in place;
+        the shapes are fixed and nothing waits on the host, so a step can be recorded as a CUDA
+        graph (speed.decoder)."""
+        if position.shape != token.shape:
+            raise ValueError(f"position {list(position.shape)} must be one per sequence, as token {list(token.shape)}")
         h = self.model.text_model.embed_tokens(token[:, None])  # (B, 1, D)
         return self.lm_head(self.model.text_model.step(h, position, caches))[:, 0]
 

@@ -285,14 +285,15 @@ class FusedMMATE(MMATE):
     def forward(self, x: Tensor, plan: PromptPlan) -> tuple[Tensor, MMATECache]:
         flex, swin = self.flex, self.swin
         z, xBC, dt, qkv, g = self._project(x)
+        dt = dt * (torch.arange(x.shape[1], device=x.device) < plan.lengths[:, None])[..., None]  # padding: dt = 0
         if plan.scan is not None:  # Flex-MA reads the prompt in this layer's Rotary Major-Scan order
             xBC, dt = (t.gather(1, plan.scan[0][..., None].expand_as(t)) for t in (xBC, dt))
         y, ssm = flex._scan(xBC, dt, plan.visual, plan.chunking)  # (B, L, H, P)
         if plan.scan is not None:
             y = y.gather(1, plan.scan[1][..., None, None].expand_as(y))  # back in the prompt's order
         attention, ring = swin.attend_windows(*rotate_qkv(qkv, swin.num_heads, swin.num_kv_heads, swin.head_dim,
-                                                          *plan.rope), plan.windows)
-        return self._mix(z, y, attention, g), MMATECache(FlexMACache(flex.conv_state(xBC), ssm), ring)
+                                                          *plan.rope), plan.windows, plan.lengths)
+        return self._mix(z, y, attention, g), MMATECache(FlexMACache(flex.conv_state(xBC, plan.lengths), ssm), ring)
 
     def step(self, x: Tensor, rope: tuple[Tensor, Tensor], position: Tensor, cache: MMATECache) -> Tensor:
         flex, swin, state = self.flex, self.swin, cache.flex
@@ -358,7 +359,7 @@ class CUDAGraphStep:
 
 
 def decoder(model: VLM, caches: list):
-    """model.step on these caches as a function (token (B,), position (1,)) -> logits (B, V):
+    """model.step on these caches as a function (token (B,), position (B,)) -> logits (B, V):
     eager on the CPU (the reference), a CUDA graph on CUDA."""
     step = lambda token, position: model.step(token, position, caches)
     return CUDAGraphStep(step) if next(model.parameters()).device.type == "cuda" else step
