@@ -153,8 +153,10 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
 
     # 4. Outputs from the carried-in state, decayed to each position
     y = y.add_((C * cum.exp()[..., None].to(dtype)) @ entering.transpose(-1, -2).to(dtype))  # (B, H, c, Q, P)
-    y = y.reshape(batch, heads, chunks * chunk_size, head_dim)[:, :, :length].transpose(1, 2)  # (B, L, H, P)
-    return y, state
+    # Contiguous (ours): from this transposed view, torch.compile's training graphs fix the strides of what
+    # follows to the first length they see, and assert them at the next (inductor, torch 2.14).
+    y = y.reshape(batch, heads, chunks * chunk_size, head_dim)[:, :, :length].transpose(1, 2).contiguous()
+    return y, state  # (B, L, H, P), (B, H, P, N)
 
 
 @dataclass(frozen=True)
