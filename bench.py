@@ -62,7 +62,6 @@ import platform
 import re
 import statistics
 import time
-from collections import Counter
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
@@ -71,12 +70,12 @@ from torch import Tensor
 from tqdm import tqdm
 
 from cli import InputError, check_bounds, check_device, user_errors, write_json
-from linmu import TEXT_BLOCK, MixerConfig, PromptPlan, TokenLayout, layer_pattern
+import flops
+from linmu import PromptPlan, TokenLayout
 from smolvlm import VLM, VLMConfig, check_checkpoint, convert_to_linmu, load_model, resolve_checkpoint
-from speed import Tuning, compile_model, decoder, pieces, tune, tuning_for
+from speed import Tuning, compile_model, decoder, tune, tuning_for
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "smolvlm2-256m.json"
-CARDS = Path(__file__).parent / "configs" / "cards.json"  # peak TFLOP/s and GB/s of known cards
 PREFIX_TOKENS, QUESTION_TOKENS = 16, 8  # chat template and system text before, the question after
 FRAME_MARKER_TOKENS, TILE_MARKER_TOKENS = 10, 2  # "\nFrame from MM:SS:<fake><global-img>", "<fake><row_i_col_j>"
 MODELS = ("attention", "linmu")
@@ -217,80 +216,10 @@ def cache_bytes(cache) -> int:
 
 
 def prefill_flops(config: VLMConfig, layers: int, load: Workload, settings: Tuning) -> dict[str, int]:
-    """The matmul work of bench's prefill (`layers` decoder layers over the prompt, the head at its last
-    token) in FLOPs, 2 per multiply-add, by part: attention, mlp and head for the teacher; flex, flex conv,
-    swin, gate, mlp and head for the student (config.linmu set), whose layers run with these Tuning settings.
-
-    It counts what torch.utils.flop_counter.FlopCounterMode counts, matrix products, and no elementwise work
-    (norms, softmax, activations, decays), so that the two can be checked against each other. Attention
-    counts the (query, key) pairs its kernel computes: the causal half of the prompt's for the teacher;
-    for Local-Swin every pair of a window, windows padded to the largest and text blocks with all their
-    keys (a mask does not skip work). Flex-MA's scan counts the chunked SSD algorithm's matmuls as they
-    run (linmu.ssd_scan): in Tuning.piece_tokens pieces, chunks of Tuning.chunking.chunk_size, at least two
-    and padded, and step 3 in blocks of its chunks_per_block; both directions where the prompt has visual
-    tokens. One part FlopCounterMode does not see: "flex conv", Flex-MA's depthwise convolution (K
-    multiply-adds a channel), which linmu writes as elementwise multiply-adds.
-    """
-    text, mixer = config.text, config.linmu
-    D, H, kv, Dh = text.hidden_size, text.num_attention_heads, text.num_key_value_heads, text.head_dim
+    """The matmul work of bench's prefill, by part (flops.decoder_flops): `layers` decoder layers over the
+    workload's prompt, the head at its last token."""
     visual = load.input_ids(config, torch.Generator())[0] == config.image_token_id
-    L = len(visual)
-    linear = lambda inputs, outputs: 2 * L * inputs * outputs  # one projection of every token
-    qkvo = linear(D, (H + 2 * kv) * Dh) + linear(H * Dh, D)
-    parts = {"mlp": layers * 3 * linear(D, text.intermediate_size), "head": 2 * D * text.vocab_size}
-    if mixer is None:
-        return {"attention": layers * (qkvo + 4 * H * Dh * L * (L + 1) // 2), **parts}
-    flex, swin = mixer.branches != "swin", mixer.branches != "flex"
-    if flex:
-        directions, conv_dim = 2 if visual.any() else 1, 3 * H * Dh  # conv channels: x, B and C
-        scan = directions * scan_flops(L, H, Dh, settings)
-        parts["flex"] = layers * (linear(D, H * Dh + conv_dim + H) + linear(H * Dh, D) + scan)
-        parts["flex conv"] = layers * directions * 2 * mixer.conv_kernel * conv_dim * L
-    if swin:
-        parts["swin"] = sum(qkvo + 4 * H * Dh * window_pairs(visual, load.grids, mixer, layer_pattern(i)["shifted"])
-                            for i in range(layers))
-    if flex and swin:
-        parts["gate"] = layers * linear(D, 1)
-    return parts
-
-
-def scan_flops(length: int, heads: int, head_dim: int, settings: Tuning) -> int:
-    """linmu.ssd_scan's matmul FLOPs over one direction of a prompt (batch 1, state size N = head dim P), a piece at a
-    time: per chunk of Q tokens, step 1's C B^T and its scores times x (2 Q^2 (N + P)), steps 2 and 4 (2 Q P N each);
-    step 3 a (R + 1) x R matmul a block of R chunks and one across the blocks."""
-    Q, R, P = settings.chunking.chunk_size, settings.chunking.chunks_per_block, head_dim
-    total = 0
-    for piece in pieces(length, settings.piece_tokens) if settings.piece_tokens else [slice(0, length)]:
-        chunks = max(2, (piece.stop - piece.start) // Q + 1)
-        blocks = max(2, chunks // R + 1)
-        total += chunks * (4 * Q * Q * P + 4 * Q * P * P) + (blocks * 2 * (R + 1) * R + 2 * (blocks + 1) ** 2) * P * P
-    return heads * total
-
-
-def window_pairs(visual: Tensor, grids: list[tuple[int, int, int]], mixer: MixerConfig, shifted: bool) -> int:
-    """The (query, key) pairs one Local-Swin layer computes for a prompt (linmu.text_windows, linmu.swin_windows):
-    blocks of TEXT_BLOCK queries (at most text_window) holding a text token, each with all its keys; and the
-    Swin windows of every grid, each padded to the largest."""
-    pairs = 0
-    if not visual.all():
-        block = min(TEXT_BLOCK, mixer.text_window)
-        blocks = len(torch.unique((~visual).nonzero() // block))
-        pairs += blocks * block * (block + mixer.text_window - 1)
-    if visual.any():
-        window = (mixer.window_frames, mixer.window_rows, mixer.window_cols)
-        axes = [[window_sizes(n, w, shifted) for n, w in zip(grid, window)] for grid in grids]
-        count = sum(math.prod(len(sizes) for sizes in grid) for grid in axes)
-        largest = max(math.prod(max(sizes) for sizes in grid) for grid in axes)
-        pairs += count * largest**2
-    return pairs
-
-
-def window_sizes(length: int, window: int, shifted: bool) -> list[int]:
-    """The sizes of the Swin windows along one grid axis: w = min(window, length), and shifted windows start
-    half a window in where the axis is longer than w (linmu.swin_windows)."""
-    w = min(window, length)
-    offset = w - w // 2 if shifted and length > w else 0
-    return list(Counter((cell + offset) // w for cell in range(length)).values())
+    return flops.decoder_flops(config, layers, visual, load.grids, settings, head_tokens=1)
 
 
 @dataclass
@@ -341,23 +270,12 @@ def step_bytes(config: VLMConfig, layers: int, slots: int, dtype: torch.dtype) -
     return StepBytes(layers * weights * size + head, layers * moved, layers * cache)
 
 
-def card_peak(name: str) -> tuple[str, dict] | None:
-    """The entry of configs/cards.json for a device name, (card, figures): the longest card name that occurs in it
-    as whole words; None for a card the table does not know."""
-    cards = json.loads(CARDS.read_text())["cards"]
-    found = [card for card in cards if re.search(rf"\b{re.escape(card)}\b", name)]
-    if not found:
-        return None
-    card = max(found, key=len)
-    return card, cards[card]
-
-
 def peak_rates(args, device: torch.device, dtype: torch.dtype) -> dict:
     """The device's peak TFLOP/s (dense, for dtype) and memory GB/s, None where not known, and a line saying where they
     come from: --peak-tflops and --peak-gbs, else configs/cards.json's entry for a CUDA card (its bfloat16 figure, so
     TFLOP/s for bfloat16 only); a CPU has none unless the flags give them."""
-    entry = card_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    card = f"{CARDS.parent.name}/{CARDS.name}: {entry[0]}" if entry else None
+    entry = flops.card_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    card = f"{flops.CARDS.parent.name}/{flops.CARDS.name}: {entry[0]}" if entry else None
     tflops, tflops_from = ((args.peak_tflops, "--peak-tflops") if args.peak_tflops else
                            (entry[1]["tflops"], card) if entry and dtype == torch.bfloat16 else (None, None))
     gbs, gbs_from = ((args.peak_gbs, "--peak-gbs") if args.peak_gbs else
@@ -537,11 +455,11 @@ def bench_model(model: VLM, load: Workload, args, device: torch.device) -> dict:
     run = measure(lambda: prefill(model, ids, grids, features, args.new_tokens), device, args.warmup, args.repeats)
     token, caches = run.result
     layers = len(decoder_layers(model))
-    flops = sum(prefill_flops(model.config, layers, load, tuning_for(device)).values())
+    work = sum(prefill_flops(model.config, layers, load, tuning_for(device)).values())
     traffic = step_bytes(model.config, layers, ids.shape[1] + args.new_tokens, model.lm_head.weight.dtype)
     row = dict(prefill_s=run.seconds, peak_mib=None if run.peak_bytes is None else run.peak_bytes / 2**20,
-               cache_mib=cache_bytes(caches) / 2**20, warmup_extra_s=run.warmup_extra, prefill_flops=flops,
-               prefill_tflop_s=flops / run.seconds / 1e12, step_weight_bytes=traffic.weights,
+               cache_mib=cache_bytes(caches) / 2**20, warmup_extra_s=run.warmup_extra, prefill_flops=work,
+               prefill_tflop_s=work / run.seconds / 1e12, step_weight_bytes=traffic.weights,
                step_sequence_bytes=traffic.per_sequence)
     per_sequence = cache_bytes(caches)
     most = None if args.memory_budget_mib is None else most_sequences(per_sequence, args.memory_budget_mib * 2**20)
