@@ -58,12 +58,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+import flops
 from convert import DEFAULT_STUDENT, DEFAULT_TEACHER
 from cli import InputError, check_bounds, check_device, default_device, user_errors
 from linmu import TokenLayout, add_lora, merge_lora, trainable_parameters
-from smolvlm import (VLM, check_checkpoint, convert_to_linmu, load_model, read_config, resolve_checkpoint,
+from smolvlm import (VLM, VLMConfig, check_checkpoint, convert_to_linmu, load_model, read_config, resolve_checkpoint,
                      save_model)
-from speed import compile_model, tune, tuning_for
+from speed import Tuning, compile_for_distillation, tune, tuning_for
 
 DEFAULT_OUT = "checkpoints/distill"
 SMOKE_CONFIG = Path(__file__).parent / "configs" / "smolvlm2-256m.json"
@@ -165,14 +166,27 @@ def prepare_stage(student: VLM, cfg: DistillConfig) -> dict[str, torch.nn.Parame
 # The loss
 
 
-def model_inputs(batch: Batch) -> dict:
-    return {k: batch.get(k) for k in ("input_ids", "pixel_values", "pixel_attention_mask", "grids")}
-
-
 @torch.no_grad()
 def teacher_pass(teacher: VLM, batch: Batch):
-    """The frozen teacher's output on a batch, hidden states included: what the student's loss regresses."""
-    return teacher(**model_inputs(batch), output_hidden_states=True)
+    """The frozen teacher's output on a batch, hidden states included: what the student's loss regresses.
+    Its vision_states, the vision encoder's output, is what the student reads (student_inputs)."""
+    return teacher(**{k: batch.get(k) for k in ("input_ids", "pixel_values", "pixel_attention_mask", "grids")},
+                   output_hidden_states=True)
+
+
+def student_inputs(batch: Batch, target) -> dict:
+    """What the student reads of a batch: its tokens and grids, and the teacher's vision_states in place of
+    its pixels (target: teacher_pass's output). The student's vision encoder is the teacher's, frozen in
+    every stage (check_shared_vision), so it runs once for both."""
+    return {"input_ids": batch["input_ids"], "grids": batch.get("grids"), "vision_states": target.vision_states}
+
+
+def check_shared_vision(student: VLM, teacher: VLM) -> None:
+    """InputError unless the student's vision encoder is the teacher's, as conversion leaves it."""
+    mine, theirs = student.model.vision_model.state_dict(), teacher.model.vision_model.state_dict()
+    if mine.keys() != theirs.keys() or not all(torch.equal(mine[k], theirs[k].to(mine[k].dtype)) for k in mine):
+        raise InputError("the student's vision encoder is not the teacher's, which distillation runs for both: "
+                         "pass the --teacher the student was converted from")
 
 
 def relative_error(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
@@ -223,7 +237,7 @@ def distill_loss(model: VLM | DistributedDataParallel, target, batch: Batch, cfg
     """
     student = model.module if isinstance(model, DistributedDataParallel) else model
     mask = batch["attention_mask"].to(torch.float32)
-    out = model(**model_inputs(batch), output_hidden_states=cfg.hidden_target == "stream")
+    out = model(**student_inputs(batch, target), output_hidden_states=cfg.hidden_target == "stream")
     hidden = student_hidden_states(student, target.hidden_states, batch, cfg, out.hidden_states)
     tokens, norms = scales[0], scales[1:]
     hidden_loss = torch.stack([relative_error(s, t, mask, norm)
@@ -237,14 +251,20 @@ def distill_loss(model: VLM | DistributedDataParallel, target, batch: Batch, cfg
 def evaluate(student: VLM, teacher: VLM, batches: list[Batch]) -> dict[str, float]:
     """Held-out agreement with the teacher: per-layer hidden-state cosine similarity, KL and top-1
     next-token agreement, each averaged over real tokens. Under torchrun each rank evaluates its share
-    of the batches, and the sums are added up over the ranks."""
+    of the batches, and the sums are added up over the ranks. Compiled models run it eagerly: a few
+    batches now and then, whose graphs (without gradients) would take longer to compile than to run."""
+    with torch.compiler.set_stance("force_eager"):
+        return agreement(student, teacher, batches)
+
+
+def agreement(student: VLM, teacher: VLM, batches: list[Batch]) -> dict[str, float]:
     rank, world = rank_and_world()
     totals = {"cosine": 0.0, "kl": 0.0, "top1": 0.0}
     tokens = 0.0
     for batch in batches[rank::world]:
-        inputs, mask = model_inputs(batch), batch["attention_mask"].to(torch.float32)
+        mask = batch["attention_mask"].to(torch.float32)
         t = teacher_pass(teacher, batch)
-        s = student(**inputs, output_hidden_states=True)
+        s = student(**student_inputs(batch, t), output_hidden_states=True)
         cosine = torch.stack([F.cosine_similarity(a.float(), b.float(), dim=-1)
                               for a, b in zip(s.hidden_states[1:], t.hidden_states[1:])]).mean(0)
         n = mask.sum().item()
@@ -255,6 +275,42 @@ def evaluate(student: VLM, teacher: VLM, batches: list[Batch]) -> dict[str, floa
     sums = torch.tensor([*totals.values(), tokens], dtype=torch.float64, device=next(student.parameters()).device)
     *sums, tokens = sum_over_ranks(sums).tolist()
     return {k: v / tokens for k, v in zip(totals, sums)}
+
+
+TRAINED_PARTS = {1: ("flex", "flex conv"), 2: ("flex", "flex conv", "swin", "gate"), 3: ()}  # flops.decoder_flops
+
+
+def step_flops(teacher: VLMConfig, student: VLMConfig, batch: Batch, cfg: DistillConfig, settings: Tuning) -> int:
+    """The model FLOPs of a training step's work on one micro-batch, counted from the sizes (flops.py), as
+    FlopCounterMode counts them (matrix products) and Flex-MA's convolution: the vision encoder once (both
+    models read its output) and each model's connector; the teacher's forward; the student's forward end
+    to end, its M-MATE branches as the stage runs them, and with layer-local targets (cfg.hidden_target)
+    once more layer by layer, without the head. A student pass's backward takes the gradients of the
+    inputs of every product its loss reaches, save the input projections of a layer whose input has none
+    (the first layer's end to end, every layer's in the layer-local pass), and those of the trained
+    parts' weights and, in Flex-MA's scan, of the second operands: once more the trained parts' forward.
+    Stage 3's LoRA adapters (rank r products) are left out. batch: its input_ids (B, L) and grids, on any
+    device; settings: the student's Tuning (its scan's work)."""
+    image = teacher.image_token_id
+    input_ids = batch["input_ids"].cpu()
+    images = int((input_ids == image).sum()) // teacher.image_seq_len
+    vision = flops.vision_flops(teacher, images)
+    total = vision["vision"] + 2 * vision["connector"]
+    branches = cfg.branches or ("flex" if cfg.stage == 1 else "both")
+    student = replace(student, linmu=replace(student.linmu, branches=branches))
+    text, layers = student.text, student.text.num_hidden_layers
+    H, kv, Dh = text.num_attention_heads, text.num_key_value_heads, text.head_dim
+    projections = {"flex": H * Dh * 4 + H, "swin": (H + 2 * kv) * Dh, "both": H * Dh * 4 + H + (H + 2 * kv) * Dh + 1}
+    for ids, grids in zip(input_ids, batch.get("grids") or [[] for _ in input_ids]):
+        visual, length = ids == image, len(ids)
+        total += sum(flops.decoder_flops(teacher, layers, visual, grids, settings, length).values())
+        parts = flops.decoder_flops(student, layers, visual, grids, settings, length)
+        forward, trained = sum(parts.values()), sum(parts.get(p, 0) for p in TRAINED_PARTS[cfg.stage])
+        inputs = 2 * length * text.hidden_size * projections[branches]  # a layer's input projections
+        total += forward + (forward - inputs + trained)
+        if cfg.hidden_target == "layer":
+            total += (forward - parts["head"]) + (forward - parts["head"] - layers * inputs + trained)
+    return total
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,18 +419,32 @@ def accumulate_gradients(model: VLM | DistributedDataParallel, teacher: VLM, bat
     return sum_over_ranks(terms), scales[0]
 
 
+def micro_batch_indices(step: int, cfg: DistillConfig, rank: int, world: int) -> list[int]:
+    """The micro-batches a rank trains on at a step: step s takes micro-batches s G to s G + G - 1,
+    G = cfg.grad_accum x ranks, and rank r every ranks-th of them from s G + r on."""
+    return [(step * cfg.grad_accum + micro) * world + rank for micro in range(cfg.grad_accum)]
+
+
 def train_stage(student: VLM, teacher: VLM, batch_at: Callable[[int], Batch], eval_batches: list[Batch],
                 cfg: DistillConfig, out_dir: Path | None = None, source: Path | None = None,
                 resume: bool = False, log: Callable[[str], None] = tqdm.write) -> dict:
     """Run one distillation stage: cfg.steps optimizer steps, each over cfg.grad_accum micro-batches per rank.
 
     batch_at(i) gives micro-batch i (the same i always gives the same batch, so a resumed run sees
-    the data the interrupted one would have). Step s takes micro-batches s G to s G + G - 1, G =
-    cfg.grad_accum x ranks: rank r every ranks-th of them from s G + r on. Under torchrun the student
-    trains wrapped in DDP. Evaluates every cfg.eval_every steps and at the end; rank 0 saves every
-    cfg.save_every steps and at the end (if out_dir). Returns the last evaluation with the training-loss
-    history, each step's seconds (its batches, forward, backward and update) and the seconds of each
-    spent waiting for its batches.
+    the data the interrupted one would have); a step takes micro_batch_indices'. Under torchrun the
+    student trains wrapped in DDP. Evaluates every cfg.eval_every steps and at the end; rank 0 saves
+    every cfg.save_every steps and at the end (if out_dir).
+
+    The host never waits for a step's work: a step's loss is read once the next step is queued (the
+    device still has that one to run), and before an evaluation or a checkpoint. So a NaN loss stops
+    the stage a step late, its weights already spoiled in memory, but never written: the last checkpoint
+    was saved after reading every loss before it.
+    With cfg.compile, the first step's batches run once through forward and backward before the first
+    step, untimed as a step and timed as the compilation ("compile_seconds"; new kinds of prompt may
+    still compile later, within their step's time).
+    Returns the last evaluation with the training-loss history, each step's real tokens (the global
+    batch's), each step's seconds (its batches, forward, backward and update, as the host saw them:
+    paced by the loss read a step late) and the seconds of each spent waiting for its batches.
     """
     rank, world = rank_and_world()
     params = prepare_stage(student, cfg)
@@ -382,8 +452,7 @@ def train_stage(student: VLM, teacher: VLM, batch_at: Callable[[int], Batch], ev
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(cfg))
     first = restore_checkpoint(out_dir, params, optimizer, scheduler, cfg, log) if resume else 0
     if cfg.compile:  # whole layers with dynamic shapes: one compilation serves every batch's length
-        for model in (student, teacher):
-            compile_model(model)
+        compile_for_distillation(student, teacher)
     model = student  # what the steps run: under torchrun, DDP around the student
     if dist.is_initialized():
         # DDP wraps the student after its layers are compiled: its gradient hooks stay outside the compiled
@@ -391,42 +460,59 @@ def train_stage(student: VLM, teacher: VLM, batch_at: Callable[[int], Batch], ev
         # gradient buckets. A batch without images leaves parameters unused (Flex-MA's backward convolution,
         # the connector's adapters), which DDP must expect; it warns once per rank when a first step used all.
         model = DistributedDataParallel(student, find_unused_parameters=True)
-    history, step_seconds, data_seconds = [], [], []
+    history, tokens_seen, step_seconds, data_seconds, compile_seconds = [], [], [], [], None
     student.train()
     # A context: closed (its line ended) on an error too, before the error's line is printed.
     with tqdm(range(first, cfg.steps), initial=first, total=cfg.steps, desc=f"stage {cfg.stage}") as bar:
-        for step in bar:
-            started = time.perf_counter()
-            try:
-                batches, error = [batch_at((step * cfg.grad_accum + micro) * world + rank)
-                                  for micro in range(cfg.grad_accum)], None
-            except InputError as bad_sample:
-                batches, error = [], bad_sample
-            stop_together(error)
-            data_seconds.append(time.perf_counter() - started)
-            optimizer.zero_grad(set_to_none=True)
-            terms, tokens = accumulate_gradients(model, teacher, batches, cfg)
-            loss, hidden, kl = terms.tolist()
+
+        def read(queued: tuple[int, torch.Tensor, torch.Tensor]) -> None:
+            """Take in a queued step's [loss, hidden, kl] and real tokens, once its work is done."""
+            step, terms, tokens = queued
+            loss, hidden, kl, count = torch.cat([terms, tokens[None]]).tolist()
             if not math.isfinite(loss):
                 where = f"; the last good checkpoint in {out_dir} is intact" if out_dir else ""
                 raise DivergenceError(f"stage {cfg.stage}: loss is {loss} at step {step} (hidden {hidden}, kl {kl}): "
                                       f"lower --lr (now {cfg.learning_rate:g}) or check the data{where}")
+            history.append(loss)
+            tokens_seen.append(int(count))
+            bar.set_postfix(loss=f"{loss:.4f}", hidden=f"{hidden:.4f}", kl=f"{kl:.4f}",
+                            wait=f"{data_seconds[-1]:.2f}s")
+
+        queued = None  # the step before, not read yet
+        for step in bar:
+            started = time.perf_counter()
+            try:
+                batches, error = [batch_at(i) for i in micro_batch_indices(step, cfg, rank, world)], None
+            except InputError as bad_sample:
+                batches, error = [], bad_sample
+            stop_together(error)
+            data_seconds.append(time.perf_counter() - started)
+            if cfg.compile and compile_seconds is None:
+                compile_seconds = compile_on(model, teacher, batches, cfg)
+                log(f"stage {cfg.stage}: compiled in {compile_seconds:.1f} s (torch.compile, on the first step's "
+                    "batches, forward and backward)")
+                started = time.perf_counter() - data_seconds[-1]  # the step: its batches, then its work
+            optimizer.zero_grad(set_to_none=True)
+            terms, tokens = accumulate_gradients(model, teacher, batches, cfg)
             torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.clip)
             optimizer.step()
             scheduler.step()
-            history.append(loss)
-            step_seconds.append(time.perf_counter() - started)
-            if cfg.compile and step == first:
-                log(f"stage {cfg.stage}: the first step took {step_seconds[0]:.1f} s, "
-                    "torch.compile's compilation included")
-            bar.set_postfix(loss=f"{loss:.4f}", hidden=f"{hidden:.4f}", kl=f"{kl:.4f}", wait=f"{data_seconds[-1]:.2f}s",
-                            tok_s=f"{tokens.item() / (time.perf_counter() - started):.0f}")
+            if queued is not None:
+                read(queued)
+            queued = (step, terms, tokens)
             last = step + 1 == cfg.steps
-            if eval_batches and not last and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            evaluating = eval_batches and not last and cfg.eval_every and (step + 1) % cfg.eval_every == 0
+            saving = (out_dir is not None and rank == 0
+                      and (last or (cfg.save_every and (step + 1) % cfg.save_every == 0)))
+            if last or evaluating or saving:
+                read(queued)
+                queued = None
+            step_seconds.append(time.perf_counter() - started)
+            if evaluating:
                 student.eval()
                 report(cfg.stage, step + 1, evaluate(student, teacher, eval_batches), log)
                 student.train()
-            if out_dir is not None and rank == 0 and (last or (cfg.save_every and (step + 1) % cfg.save_every == 0)):
+            if saving:
                 save_checkpoint(student, out_dir, source, params, optimizer, scheduler, step + 1, cfg)
     student.eval()
     if cfg.stage == 3:
@@ -434,7 +520,21 @@ def train_stage(student: VLM, teacher: VLM, batch_at: Callable[[int], Batch], ev
     final = evaluate(student, teacher, eval_batches) if eval_batches else {}
     if final:
         report(cfg.stage, cfg.steps, final, log)
-    return {**final, "losses": history, "step_seconds": step_seconds, "data_seconds": data_seconds}
+    return {**final, "losses": history, "tokens": tokens_seen, "step_seconds": step_seconds,
+            "data_seconds": data_seconds, "compile_seconds": compile_seconds}
+
+
+def compile_on(model: VLM | DistributedDataParallel, teacher: VLM, batches: list[Batch], cfg: DistillConfig) -> float:
+    """Run a step's forward and backward on its batches, its gradients then dropped, and wait for them:
+    the seconds torch.compile's first compilation takes (with one such pass)."""
+    started = time.perf_counter()
+    accumulate_gradients(model, teacher, batches, cfg)
+    for p in model.parameters():
+        p.grad = None
+    device = next(teacher.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
 
 
 def report(stage: int, step: int, metrics: dict, log: Callable[[str], None]) -> None:
@@ -633,8 +733,11 @@ def write_random_teacher(directory: Path, config_file: Path, seed: int) -> VLM:
 def smoke(args: argparse.Namespace) -> dict:
     """--smoke: build a random-weight teacher of --config's sizes and its converted student in a temporary
     directory, run stage 1 on them as `--stage 1 --student S --teacher T` would (every other flag as
-    given), and print the first step's time (compilation and warm-up included), the time per step
-    after it, and the peak memory. Returns the stage's result."""
+    given), and print what it takes: the compilation (with --compile), the steady step's time (the
+    median of the steps after the first), the real tokens and model FLOPs (step_flops) it trains on
+    per second, their share of the device's peak (model FLOP utilisation: --peak-tflops, or a known
+    CUDA card's bfloat16 figure in configs/cards.json; none is guessed), and the peak memory.
+    Returns the stage's result."""
     cfg = stage_config(args)
     device = check_device(args.device)
     with tempfile.TemporaryDirectory(prefix="linmu-smoke-") as tmp:
@@ -650,25 +753,45 @@ def smoke(args: argparse.Namespace) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         result = run_stage(argparse.Namespace(**{**vars(args), "student": str(Path(tmp) / "student"),
-                                                 "teacher": str(Path(tmp) / "teacher"), "out": str(Path(tmp) / "out")}))
+                                                 "teacher": str(Path(tmp) / "teacher"), "out": str(Path(tmp) / "out")}),
+                           count_work=True)
+    if result["compile_seconds"] is not None:
+        print(f"smoke: compiled in {result['compile_seconds']:.1f} s (the first step's batches through forward and "
+              "backward once, before the steps)")
     first, *rest = result["step_seconds"]
-    if len(rest) > 1:
-        after = (f"then {statistics.median(rest):.3f} s per step (median of {len(rest)}, "
-                 f"{min(rest):.3f} to {max(rest):.3f} s)")
-    else:
-        after = f"then {rest[0]:.3f} s for the second step" if rest else "no later step to time (--steps 2 or more)"
-    print(f"smoke: first step {first:.2f} s (compilation and warm-up included), {after}")
-    if rest:
-        print(f"smoke: the steps after the first waited {statistics.median(result['data_seconds'][1:]):.3f} s each "
-              f"for their batches (median; {args.workers} DataLoader workers per rank)")
+    if not rest:
+        print(f"smoke: one step, {first:.3f} s; a steady step needs --steps 2 or more")
+        return result
+    steady = statistics.median(rest)
+    tokens = statistics.mean(result["tokens"][1:])
+    work = statistics.mean(result["step_flops"][1:])
+    print(f"smoke: first step {first:.3f} s, then {steady:.3f} s per step (median of {len(rest)}, {min(rest):.3f} to "
+          f"{max(rest):.3f} s); the steps after the first waited {statistics.median(result['data_seconds'][1:]):.3f} s "
+          f"each for their batches ({args.workers} DataLoader workers per rank)")
+    peak, source = peak_tflops(args, device)
+    rate = work / steady / 1e12
+    utilisation = f"{100 * rate / peak:.1f}% of {peak:g} TFLOP/s ({source})" if peak else \
+        "model FLOP utilisation unknown: pass --peak-tflops"
+    print(f"smoke: {tokens / steady:,.0f} tokens/s ({tokens:,.0f} real tokens a step); {work / 1e12:.3f} model "
+          f"TFLOPs a step (counted from the sizes), {rate:.3f} TFLOP/s: {utilisation}")
     if device.type == "cuda":
-        peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (torch.cuda.max_memory_allocated " \
-               "while loading both models and running the stage)"
+        peak_memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (torch.cuda.max_memory_allocated " \
+                      "while loading both models and running the stage)"
     else:
-        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (the process's peak " \
-               "resident set, ru_maxrss, building the checkpoints included: a CPU has no allocator statistics)"
-    print(f"smoke: peak memory {peak}")
-    return result
+        peak_memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (the process's peak " \
+                      "resident set, ru_maxrss, building the checkpoints included: a CPU has no allocator statistics)"
+    print(f"smoke: peak memory {peak_memory}")
+    return {**result, "steady_step_seconds": steady, "tokens_per_second": tokens / steady, "tflop_per_second": rate,
+            "utilisation": rate / peak if peak else None}
+
+
+def peak_tflops(args: argparse.Namespace, device: torch.device) -> tuple[float | None, str | None]:
+    """The device's peak TFLOP/s and where it comes from: --peak-tflops, else a known CUDA card's bfloat16
+    figure (the precision distill.py trains in there) in configs/cards.json; (None, None) on a CPU."""
+    if args.peak_tflops:
+        return args.peak_tflops, "--peak-tflops"
+    entry = flops.card_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    return (entry[1]["tflops"], f"{flops.CARDS.parent.name}/{flops.CARDS.name}: {entry[0]}") if entry else (None, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -733,9 +856,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="check that stage 1 runs on this machine at full size, with no download: build a teacher "
                         "with random weights of --config's sizes (a stand-in tokenizer) and its LinMU student in a "
                         "temporary directory, run --steps steps of stage 1 on them with the other flags as given, "
-                        "and print the first step's time (compilation included), the time per step after it and "
+                        "and print the compilation's time, the steady step's, tokens/s, model FLOP utilisation and "
                         "the peak memory")
     p.add_argument("--config", default=str(SMOKE_CONFIG), help="--smoke: the teacher's config.json")
+    p.add_argument("--peak-tflops", type=float, help="--smoke: the device's peak TFLOP/s, for the model FLOP "
+                                                     "utilisation (default: a known CUDA card's, configs/cards.json)")
     args = p.parse_args(argv)
     if args.smoke:
         if (args.stage not in (None, 1) or args.student or args.resume or args.teacher != DEFAULT_TEACHER
@@ -760,9 +885,11 @@ def stage_config(args: argparse.Namespace) -> DistillConfig:
                          compile=args.compile if args.compile is not None else args.device.startswith("cuda"))
 
 
-def run_stage(args: argparse.Namespace) -> dict:
+def run_stage(args: argparse.Namespace, count_work: bool = False) -> dict:
     """One stage as the flags say: the checkpoints' configs and the data are checked before any weight
-    is loaded, then train_stage runs and writes OUT/stageN. Returns train_stage's result."""
+    is loaded, then train_stage runs and writes OUT/stageN. Returns train_stage's result, and with
+    count_work its "step_flops", each step's model FLOPs (step_flops over its global batch, counted
+    afterwards from the same batches prepared again on the host: no step waits for it)."""
     from processing import Processor
 
     cfg = stage_config(args)
@@ -789,12 +916,20 @@ def run_stage(args: argparse.Namespace) -> dict:
     tuning = tuning_for(torch.device(args.device))
     student = tune(load_model(init, args.device), replace(tuning, fused=False))  # it trains: no fused copies
     teacher = tune(load_model(teacher_path, args.device), tuning).requires_grad_(False)
+    check_shared_vision(student, teacher)
     held_out = SampleBatches(samples[:args.eval_samples], processor, cfg.batch_size, cfg.seed, args.device,
                              shuffle=False)
     batches = SampleBatches(samples[args.eval_samples:], processor, cfg.batch_size, cfg.seed, args.device,
                             workers=args.workers, stride=rank_and_world()[1])
-    return train_stage(student, teacher, batches, [held_out(i) for i in range(len(held_out))], cfg,
-                       out_dir=Path(args.out) / f"stage{cfg.stage}", source=init, resume=args.resume)
+    result = train_stage(student, teacher, batches, [held_out(i) for i in range(len(held_out))], cfg,
+                         out_dir=Path(args.out) / f"stage{cfg.stage}", source=init, resume=args.resume)
+    if count_work:
+        rank, world = rank_and_world()
+        steps = range(cfg.steps - len(result["losses"]), cfg.steps)
+        work = [sum(step_flops(teacher.config, student.config, batches.dataset[i], cfg, tuning)
+                    for i in micro_batch_indices(step, cfg, rank, world)) for step in steps]
+        result["step_flops"] = sum_over_ranks(torch.tensor(work, dtype=torch.float64, device=args.device)).tolist()
+    return result
 
 
 @contextlib.contextmanager

@@ -440,11 +440,13 @@ class TextModel(nn.Module):
 
 @dataclass
 class VLMOutput:
-    """logits: (B, L, V); caches: one decoding cache per decoder layer; hidden_states: see TextModel.forward."""
+    """logits: (B, L, V); caches: one decoding cache per decoder layer; hidden_states: see TextModel.forward;
+    vision_states: the vision encoder's output the prompt's images gave (VLM.vision_states), None without images."""
 
     logits: Tensor
     caches: list
     hidden_states: list[Tensor] | None = None
+    vision_states: Tensor | None = None
 
 
 class VLM(nn.Module):
@@ -464,11 +466,9 @@ class VLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.text_model.embed_tokens.weight
 
-    def encode_images(self, pixel_values: Tensor, pixel_attention_mask: Tensor | None = None) -> Tensor:
-        """pixel_values: (B, N, C, H, W) or (N, C, H, W); pixel_attention_mask: the same without C, True on real pixels.
-
-        Returns (n_real_images, image_seq_len, D): all-zero images (batch padding) are dropped.
-        """
+    def vision_states(self, pixel_values: Tensor, pixel_attention_mask: Tensor | None = None) -> Tensor:
+        """The vision encoder's output: pixel_values (B, N, C, H, W) or (N, C, H, W), pixel_attention_mask the same
+        without C, True on real pixels -> (n_real_images, patches, Dv); all-zero images (batch padding) are dropped."""
         if pixel_values.dim() == 4:
             pixel_values = pixel_values[None]
             pixel_attention_mask = pixel_attention_mask[None] if pixel_attention_mask is not None else None
@@ -483,7 +483,11 @@ class VLM(nn.Module):
             mask = pixel_attention_mask.flatten(0, 1)[real].bool()[:, : height // p * p, : width // p * p]
             patches = mask.unflatten(1, (height // p, p)).unflatten(3, (width // p, p))  # (n, H/P, P, W/P, P)
             patch_mask = patches.any(4).any(2)  # a patch is valid if any of its pixels is
-        return self.model.connector(self.model.vision_model(images, patch_mask))
+        return self.model.vision_model(images, patch_mask)
+
+    def encode_images(self, pixel_values: Tensor, pixel_attention_mask: Tensor | None = None) -> Tensor:
+        """The images as the decoder reads them, the connector's output: (n_real_images, image_seq_len, D)."""
+        return self.model.connector(self.vision_states(pixel_values, pixel_attention_mask))
 
     def embed(self, input_ids: Tensor, image_features: Tensor | None) -> Tensor:
         """input_ids: (B, L); image_features: (n_images, T, D) -> inputs_embeds (B, L, D)."""
@@ -512,18 +516,23 @@ class VLM(nn.Module):
 
     def forward(self, input_ids: Tensor, pixel_values: Tensor | None = None, pixel_attention_mask: Tensor | None = None,
                 grids: list[list[tuple[int, int, int]]] | None = None, new_tokens: int = 0,
-                output_hidden_states: bool = False, attention_mask: Tensor | None = None) -> VLMOutput:
+                output_hidden_states: bool = False, attention_mask: Tensor | None = None,
+                vision_states: Tensor | None = None) -> VLMOutput:
         """A whole prompt, input_ids (B, L) -> logits (B, L, V) and decoding caches with room for new_tokens more.
 
         attention_mask (B, L): 1 on real tokens, 0 on right padding (processing.Processor.collate's),
         None for none. Padding changes no real token's logits, and the caches hold each sequence as
-        it ends: decoding continues sequence b at position attention_mask[b].sum() (VLM.step)."""
-        features = self.encode_images(pixel_values, pixel_attention_mask) if pixel_values is not None else None
-        h = self.embed(input_ids, features)
+        it ends: decoding continues sequence b at position attention_mask[b].sum() (VLM.step).
+        vision_states: the vision encoder's output on the images (vision_states()) in place of
+        pixel_values, for a caller that has it already: distill.py computes it once for the teacher
+        and the student, whose encoders are the same frozen weights. The output returns the one used."""
+        if vision_states is None and pixel_values is not None:
+            vision_states = self.vision_states(pixel_values, pixel_attention_mask)
+        h = self.embed(input_ids, self.model.connector(vision_states) if vision_states is not None else None)
         grids = grids if grids is not None else self.default_grids(input_ids)
         layout = TokenLayout.build(input_ids, self.config.image_token_id, grids, attention_mask)
         h, caches, hidden_states = self.model.text_model(h, layout, new_tokens, output_hidden_states)
-        return VLMOutput(self.lm_head(h), caches, hidden_states)
+        return VLMOutput(self.lm_head(h), caches, hidden_states, vision_states)
 
     @torch.no_grad()  # else the caches, written from trainable weights, would join the autograd graph
     def step(self, token: Tensor, position: Tensor, caches: list) -> Tensor:

@@ -381,12 +381,27 @@ def compile_model(model: VLM, backend: str = "inductor") -> None:
     kinds) compile up to four pieces (8,192 tokens), fewer once text-only prompts come too, and
     then fail (fullgraph).
     backend: torch.compile's (the tests trace the same graphs with "aot_eager", which generates no code)."""
+    compile_layers([*model.model.vision_model.encoder.layers, *model.model.text_model.layers], backend)
+    for layer in model.model.text_model.layers:
+        layer.step = torch.compile(layer.step, fullgraph=True, dynamic=True, backend=backend)
+
+
+def compile_for_distillation(student: VLM, teacher: VLM, backend: str = "inductor") -> None:
+    """torch.compile what a distillation step runs, as compile_model does: the teacher's vision and decoder
+    layers (inference) and the student's decoder layers (training); not the student's vision encoder,
+    which never runs (the student reads the teacher's vision_states: the same frozen weights), nor
+    decoding steps. The student's layers make a graph each for inputs with and without gradients (its
+    stream past the first layer; the teacher's hidden states) and each kind of prompt (compile_model)."""
+    compile_layers([*teacher.model.vision_model.encoder.layers, *teacher.model.text_model.layers,
+                    *student.model.text_model.layers], backend)
+
+
+def compile_layers(layers: list[nn.Module], backend: str) -> None:
+    """Compile each module whole (fullgraph) with dynamic shapes."""
     # No duck sizing: sizes equal in the first prompt compiled (an image's 16-token Swin windows and
     # the 16-query text blocks) would be assumed equal from then on, and any other prompt recompile.
     torch.fx.experimental._config.use_duck_shape = False
-    for layer in [*model.model.vision_model.encoder.layers, *model.model.text_model.layers]:
+    for layer in layers:
         layer.compile(fullgraph=True, dynamic=True, backend=backend)
-    for layer in model.model.text_model.layers:
-        layer.step = torch.compile(layer.step, fullgraph=True, dynamic=True, backend=backend)
 
 

@@ -9,6 +9,7 @@ import os
 import random
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,7 @@ from torchvision.transforms.v2 import functional as TF
 
 import bench
 import cli
+import flops
 import generate
 import linmu
 import processing as P
@@ -1914,11 +1916,12 @@ def test_token_kl_is_a_per_token_mean_that_ignores_padding():
 
 
 def test_compiled_and_eager_losses_agree(pair, tmp_path):
-    """What `distill.py --compile` does to the student (speed.compile_model: every vision and decoder
-    layer compiled whole, with dynamic shapes) gives, in training, the eager stage-2 loss of a batch of
-    two videos. The graphs are captured and traced for training as inductor gets them, with the
-    aot_eager backend, which generates no code (inductor's code: the next test), and on a one-layer
-    student: the graphs of the other layers' Rotary Major-Scan orders are the decoder-layers test's."""
+    """What `distill.py --compile` compiles (speed.compile_for_distillation: the teacher's vision and decoder
+    layers, the student's decoder layers, whole, with dynamic shapes) gives, in training, the eager stage-2
+    loss of a batch of two videos, and compiles one graph for each: the student's vision encoder never runs
+    (it reads the teacher's vision_states). The graphs are captured and traced for training as inductor gets
+    them, with the aot_eager backend, which generates no code (inductor's code: the next test), and on a
+    one-layer student: the graphs of the other layers' Rotary Major-Scan orders are the decoder-layers test's."""
     import distill
 
     teacher = load_model(write_tiny_checkpoint(tmp_path / "teacher", layers=1)).requires_grad_(False)
@@ -1928,17 +1931,20 @@ def test_compiled_and_eager_losses_agree(pair, tmp_path):
     cfg = distill.DistillConfig(stage=2)
     distill.prepare_stage(student, cfg)
     student.train()
-    target = distill.teacher_pass(teacher, batch)
-    scales = distill.loss_normalizers(target, batch)
-    eager, _ = distill.distill_loss(student, target, batch, cfg, scales)
+
+    def loss() -> torch.Tensor:
+        target = distill.teacher_pass(teacher, batch)
+        return distill.distill_loss(student, target, batch, cfg, distill.loss_normalizers(target, batch))[0]
+
+    eager = loss()
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    with torch.fx.experimental._config.patch(use_duck_shape=True):  # undoes compile_model's setting afterwards
-        speed.compile_model(student, backend="aot_eager")
-        compiled, _ = distill.distill_loss(student, target, batch, cfg, scales)
+    with torch.fx.experimental._config.patch(use_duck_shape=True):  # undoes compile_layers' setting afterwards
+        speed.compile_for_distillation(student, teacher, backend="aot_eager")
+        compiled = loss()
     assert compiled.requires_grad and abs(compiled.item() - eager.item()) < 1e-5
-    # a vision layer's graph and the M-MATE layer's, which the layer-local targets' pass shares
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    # the teacher's vision layer and decoder layer, the student's M-MATE layer (its layer-local pass shares it)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
 
 
 @pytest.mark.slow
@@ -2435,18 +2441,25 @@ def test_a_programming_error_inside_the_library_keeps_its_traceback(tiny_hub, mo
 
 
 def test_smoke_run_builds_converts_and_times_stage_one_at_a_tiny_size(tmp_path, capsys):
-    """`distill.py --smoke` at a tiny size: the same code as the full-size run on a GPU machine."""
+    """`distill.py --smoke` at a tiny size: the same code as the full-size run on a GPU machine. It prints the
+    steady step's time, the tokens/s and the model FLOP utilisation against the peak it is given, from each
+    step's real tokens and its FLOPs (step_flops, on the batches the steps trained on)."""
     import distill
 
     config = tmp_path / "config.json"
     config.write_text(json.dumps({**BENCH_TINY, "text_config": {**BENCH_TINY["text_config"], "vocab_size": 320}}))
     result = distill.main(["--smoke", "--config", str(config), "--steps", "3", "--synthetic-samples", "8",
-                           "--device", "cpu", "--no-compile"])
+                           "--device", "cpu", "--no-compile", "--peak-tflops", "0.5", "--workers", "0"])
     printed = capsys.readouterr().out
     assert len(result["step_seconds"]) == len(result["losses"]) == 3 and all(math.isfinite(x) for x in result["losses"])
-    assert "stage 1 on cpu, float32, eager, batch 2 x 1" in printed
-    assert re.search(r"first step [\d.]+ s \(compilation and warm-up included\), then [\d.]+ s per step \(median of 2",
-                     printed)
+    assert "stage 1 on cpu, float32, eager, batch 2 x 1" in printed and result["compile_seconds"] is None
+    steady = statistics.median(result["step_seconds"][1:])
+    assert re.search(rf"first step [\d.]+ s, then {steady:.3f} s per step \(median of 2", printed)
+    assert len(result["tokens"]) == len(result["step_flops"]) == 3 and min(result["tokens"]) > 0
+    tokens, work = statistics.mean(result["tokens"][1:]), statistics.mean(result["step_flops"][1:])
+    assert result["tokens_per_second"] == tokens / steady and f"{tokens / steady:,.0f} tokens/s" in printed
+    assert result["utilisation"] == pytest.approx(work / steady / 1e12 / 0.5)
+    assert f"{100 * result['utilisation']:.1f}% of 0.5 TFLOP/s (--peak-tflops)" in printed
     assert "peak memory" in printed and "ru_maxrss" in printed
     assert not Path(re.search(r" in (\S+) \(removed afterwards\)", printed)[1]).exists()
 
@@ -2502,6 +2515,47 @@ def test_bench_prefill_flops_are_what_flop_counter_mode_counts_part_by_part(smal
             seen = {part: sum(layers(re.escape(module))) for part, module in modules.items() if part in parts}
             seen["head"] = counted["Global"] - counted["TextModel"]  # the one product outside the decoder
             assert {part: n for part, n in parts.items() if part != "flex conv"} == seen, load.name
+
+
+def test_vision_flops_are_what_flop_counter_mode_counts():
+    """flops.vision_flops, counted from the sizes, against FlopCounterMode on the vision encoder and connector."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    teacher, _ = tiny_pair()
+    size = teacher.config.vision.image_size
+    with FlopCounterMode(display=False, custom_mapping={
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention_flops}) as counter:
+        teacher.encode_images(torch.rand(3, 3, size, size))
+    counted = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    assert flops.vision_flops(teacher.config, 3) == {"vision": counted["VisionTransformer"],
+                                                     "connector": counted["Connector"]}
+
+
+@pytest.mark.parametrize("target", ["layer", "stream"])
+def test_a_distillation_steps_flops_are_what_flop_counter_mode_counts(pair, target):
+    """distill.step_flops, counted from the sizes and the batch, against FlopCounterMode on a stage-1 step's
+    forward and backward (vision, teacher and student passes) on a batch of an image and a video, with
+    layer-local and stream targets. Flex-MA's convolution, elementwise, is the one part it does not see."""
+    import distill
+    from torch.utils.flop_counter import FlopCounterMode
+
+    teacher, batches = pair
+    settings = speed.tuning_for(torch.device("cpu"))
+    student = tune(fresh_student(teacher), replace(settings, fused=False))
+    teacher = tune(copy.deepcopy(teacher), settings)
+    cfg = distill.DistillConfig(stage=1, hidden_target=target)
+    distill.prepare_stage(student, cfg)
+    batch = batches(0)
+    with FlopCounterMode(display=False, custom_mapping={
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention_flops}) as counter:
+        distill.accumulate_gradients(student, teacher, [batch], cfg)
+    flex = replace(student.config, linmu=replace(student.config.linmu, branches="flex"))
+    conv = sum(flops.decoder_flops(flex, 2, ids == teacher.config.image_token_id, grids, settings, len(ids))["flex conv"]
+               for ids, grids in zip(batch["input_ids"], batch["grids"]))
+    passes = 2 if target == "layer" else 1  # each: the forward, the backward's inputs and weights
+    counted = counter.get_total_flops()
+    assert counted > 0 and distill.step_flops(teacher.config, student.config, batch, cfg, settings) - 3 * passes * conv \
+        == counted
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -2565,15 +2619,15 @@ def test_bench_knows_a_card_by_its_whole_name_and_never_guesses_a_peak(tmp_path,
     other dtypes, and a CPU, have none unless the flags give them."""
     import argparse
 
-    table = json.loads(bench.CARDS.read_text())["cards"]
-    assert all(bench.card_peak(f"Maker {card}")[0] == card and figures["tflops"] > 0 and figures["gbs"] > 0
+    table = json.loads(flops.CARDS.read_text())["cards"]
+    assert all(flops.card_peak(f"Maker {card}")[0] == card and figures["tflops"] > 0 and figures["gbs"] > 0
                for card, figures in table.items())
     cards = tmp_path / "cards.json"
     cards.write_text(json.dumps({"cards": {"Z9": {"tflops": 100, "gbs": 1000}, "Z9 Max": {"tflops": 200, "gbs": 2000},
                                            "K4": {"tflops": 10, "gbs": 20}}}))
-    monkeypatch.setattr(bench, "CARDS", cards)
-    assert bench.card_peak("Maker Z9 Max")[0] == "Z9 Max" and bench.card_peak("Maker Z9")[0] == "Z9"
-    assert bench.card_peak("Maker K40S") is None and bench.card_peak("Maker GZ9") is None
+    monkeypatch.setattr(flops, "CARDS", cards)
+    assert flops.card_peak("Maker Z9 Max")[0] == "Z9 Max" and flops.card_peak("Maker Z9")[0] == "Z9"
+    assert flops.card_peak("Maker K40S") is None and flops.card_peak("Maker GZ9") is None
     flags = lambda tflops=None, gbs=None: argparse.Namespace(peak_tflops=tflops, peak_gbs=gbs)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Maker Z9 Max 96GB")
     cuda = torch.device("cuda")
