@@ -2186,6 +2186,11 @@ def test_toy_summary_is_the_mean_and_spread_over_seeds():
     assert row["accuracy"] == pytest.approx(0.93) and row["accuracy_std"] == pytest.approx(0.03)
     assert row["kl_std"] == 0.0
     assert "0.930 ± 0.030" in toy.table([row], seeds=3) and "0.930 |" in toy.table([row], seeds=1)
+    nothing = run(0.0)
+    nothing["rows"][0]["of_teacher"] = math.nan  # a seed whose teacher answered nothing right
+    (row,) = toy.summarize([run(0.90), nothing, run(0.96)])
+    assert row["of_teacher"] == pytest.approx(0.93) and row["of_teacher_std"] == pytest.approx(0.06 / 2**0.5)
+    assert math.isnan(toy.summarize([nothing])[0]["of_teacher"])
     with pytest.raises(SystemExit):
         toy.main(["--seeds", "0"])
 

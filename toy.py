@@ -372,13 +372,14 @@ METRICS = ("accuracy", "of_teacher", "agreement", "kl", "top1")
 
 def summarize(results: list[dict]) -> list[dict]:
     """One row per model over the seeds' runs: each metric's mean, and its standard deviation
-    across seeds (0 for a single seed)."""
+    across seeds (0 for a single seed). A seed whose teacher answered nothing right has no "% of
+    teacher" (NaN): that metric is taken over the other seeds, NaN if none has it."""
     rows = []
     for same in zip(*(result["rows"] for result in results)):
         row = {"model": same[0]["model"], "stages": same[0]["stages"]}
         for metric in METRICS:
-            values = [r[metric] for r in same]
-            row[metric] = statistics.fmean(values)
+            values = [r[metric] for r in same if not math.isnan(r[metric])]
+            row[metric] = statistics.fmean(values) if values else math.nan
             row[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         rows.append(row)
     return rows
