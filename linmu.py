@@ -31,26 +31,27 @@ from torch import Tensor, nn
 # 1. The chunked SSD scan (Mamba2's state space duality, Dao & Gu 2024): the engine of Flex-MA
 
 
-def segment_sum(a: Tensor) -> Tensor:
-    """out[..., i, j] = a[..., j+1] + ... + a[..., i] for i >= j, and -inf for i < j.
+def segment_decay(a: Tensor) -> Tensor:
+    """out[..., i, j] = exp(a[..., j+1] + ... + a[..., i]) for i >= j (1 on the diagonal), 0 for i < j.
 
-    Built as a cumulative sum of a masked copy of a, never as a difference of two long partial
-    sums, so it stays exact for long chunks (ssd_minimal's stable form). a: (..., T) -> (..., T, T).
+    The exponent is a cumulative sum of a masked copy of a, never a difference of two long partial
+    sums, so it stays exact for long spans (ssd_minimal's stable segment sum). The zeros above the
+    diagonal are set after the exp (ours: where ssd_minimal fills -inf before it, one masking fewer;
+    the exponent there is 0, so neither value nor gradient overflows). a: (..., T) -> (..., T, T).
     """
     T = a.size(-1)
-    a = a[..., None].expand(*a.shape, T)  # (..., T, T), a[..., i, j] = a_i
-    above = torch.ones(T, T, dtype=torch.bool, device=a.device).triu()  # j >= i
-    sums = a.masked_fill(above, 0).cumsum(dim=-2)
-    return sums.masked_fill_(above.triu(1), -math.inf)  # in place: cumsum's backward does not need its output
+    sums = a[..., None].expand(*a.shape, T).tril(-1).cumsum(dim=-2)  # [i, j]: a_{j+1} + ... + a_i, 0 for i <= j
+    return sums.exp_().tril()  # exp in place: cumsum's backward does not need its output
 
 
 def carry_across_chunks(chunk_states: Tensor, chunk_log_decay: Tensor, state: Tensor,
                         chunks_per_block: int) -> tuple[Tensor, Tensor]:
     """SSD's step 3: the state entering each chunk, s_c = exp(a_{c-1}) s_{c-1} + own_{c-1}, s_0 = state.
 
-    chunk_states: (B, H, c, P, N) each chunk's own final state (own_c); chunk_log_decay: (B, H, c)
-    the log decay a_c across chunk c; state: (B, H, P, N) before the first chunk. Returns the state
-    entering each chunk (B, H, c, P, N) and the state after the last one (B, H, P, N).
+    For S independent sequences (batch times heads), states flattened (P N -> PN): chunk_states
+    (S, c, PN) each chunk's own final state (own_c); chunk_log_decay (S, c) the log decay a_c across
+    chunk c; state (S, PN) before the first chunk. Returns the state entering each chunk (S, c, PN)
+    and the state after the last one (S, PN).
 
     ssd_minimal writes this recurrence as one matmul with a (c x c) segment-sum of decays, whose
     cost grows with c^2. Here it has two levels, each one segment-sum matmul, so that the cost
@@ -60,27 +61,26 @@ def carry_across_chunks(chunk_states: Tensor, chunk_log_decay: Tensor, state: Te
         quadratic term with a small constant: with R = 16, P = N = 64 and Q = 128 its FLOPs are
         about 0.3% of steps 1, 2 and 4's at 75k tokens and 4% at a million.
     """
-    batch, heads, chunks, P, N = chunk_states.shape
+    sequences, chunks, PN = chunk_states.shape
     R = chunks_per_block
     blocks = torch.sym_max(2, chunks // R + 1)  # one padded chunk (no input, no decay), two blocks at least: ssd_scan
     pad = blocks * R - chunks
-    own = F.pad(chunk_states.flatten(3), (0, 0, 0, pad)).unflatten(2, (blocks, R))  # (B, H, b, R, PN)
-    log_decay = F.pad(chunk_log_decay, (0, pad)).unflatten(2, (blocks, R))  # (B, H, b, R)
+    own = F.pad(chunk_states, (0, 0, 0, pad)).view(sequences * blocks, R, PN)  # (S b, R, PN)
+    log_decay = F.pad(chunk_log_decay, (0, pad)).view(sequences, blocks, R)  # (S, b, R)
 
     # within a block: decay[r, j] = exp(a_j + ... + a_{r-1}) for j <= r, over the R + 1 boundaries
-    decay = torch.exp(segment_sum(F.pad(log_decay, (1, 0))))  # (B, H, b, R+1, R+1)
+    decay = segment_decay(F.pad(log_decay, (1, 0)).view(sequences * blocks, R + 1))  # (S b, R+1, R+1)
     # row r < R: what enters chunk r from the block's earlier chunks; row R: the block's own final state
-    within = decay[..., 1:] @ own  # (B, H, b, R+1, PN)
+    within = torch.bmm(decay[:, :, 1:], own).view(sequences, blocks, R + 1, PN)
 
     # across blocks, ssd_minimal's form: row k is the state entering block k, row b the final state
-    finals = torch.cat([state.flatten(2)[:, :, None], within[:, :, :, R]], dim=2)  # (B, H, b+1, PN)
-    block_log_decay = F.pad(log_decay.sum(-1), (1, 0))  # (B, H, b+1)
-    entering_blocks = torch.exp(segment_sum(block_log_decay)) @ finals  # (B, H, b+1, PN)
+    finals = torch.cat([state[:, None], within[:, :, R]], dim=1)  # (S, b+1, PN)
+    entering_blocks = torch.bmm(segment_decay(F.pad(log_decay.sum(-1), (1, 0))), finals)  # (S, b+1, PN)
 
     # entering chunk r of block k: block k's entering state decayed to chunk r, plus the block's own part
-    entering = torch.addcmul(within[..., :R, :], decay[..., :R, :1], entering_blocks[:, :, :-1, None])
-    entering = entering.flatten(2, 3)[:, :, :chunks].unflatten(-1, (P, N))  # (B, H, c, P, N)
-    return entering, entering_blocks[:, :, -1].unflatten(-1, (P, N))
+    entering = torch.addcmul(within[:, :, :R], decay.view(sequences, blocks, R + 1, R + 1)[:, :, :R, :1],
+                             entering_blocks[:, :-1, None])  # (S, b, R, PN)
+    return entering.flatten(1, 2)[:, :chunks], entering_blocks[:, -1]
 
 
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, chunks_per_block: int,
@@ -100,7 +100,8 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     Four steps per chunk of Q tokens: (1) outputs from inputs inside the chunk, a Q x Q masked
     matmul; (2) each chunk's state from its own inputs; (3) the state carried from chunk to chunk
     (carry_across_chunks); (4) outputs from the carried-in state. The cost is O(L Q (N + P) H):
-    linear in L, in a fixed number of batched operations whatever L is.
+    linear in L, in a fixed number of batched operations whatever L is. Every matmul is one batched
+    matmul over the B H c chunks of all heads (ours: laid out once, so that none copies or reshapes).
     Precision, as in Mamba2's own kernels: the matmuls take their operands in the inputs' dtype (on
     a GPU, bf16: tensor cores, and half the bytes of the Q x Q scores) and accumulate in float32;
     the decays, the carried state and step 3 are float32 throughout.
@@ -108,53 +109,54 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     batch, length, heads, head_dim = x.shape
     if heads % B.shape[2]:
         raise ValueError(f"ssd_scan: {heads} heads is not a multiple of {B.shape[2]} B/C groups")
-    dtype = x.dtype
+    dtype, N = x.dtype, B.shape[-1]
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     # Padded steps have dt = 0: no input and no decay, the state unchanged. There is always at least
     # one, and at least two chunks, so that every length has the same shape arithmetic and no size of
     # 1 (ours: torch.compile would specialise on either, and this way one graph serves every length).
     chunks = torch.sym_max(2, length // chunk_size + 1)
     pad = chunks * chunk_size - length
-
-    def chunked(t: Tensor, dtype: torch.dtype) -> Tensor:  # (B, L, H, ...) -> (B, H, c, Q, ...), zero-padded: one copy
-        out = t.new_zeros(batch, t.shape[2], chunks * chunk_size, *t.shape[3:], dtype=dtype)
-        out[:, :, :length] = t.movedim(1, 2)
-        return out.unflatten(2, (chunks, chunk_size))
+    chunked = lambda t: F.pad(t.movedim(1, 2), (0, 0) * (t.dim() - 3) + (0, pad)).view(  # zero-padded: one copy
+        batch * heads * chunks, chunk_size, *t.shape[3:])  # (B, L, H, ...) -> (B H c, Q, ...)
 
     if heads != B.shape[2]:
         B, C = (t.repeat_interleave(heads // t.shape[2], dim=2) for t in (B, C))
-    x, B, C, dt = chunked(x, dtype), chunked(B, dtype), chunked(C, dtype), chunked(dt, acc)  # (B, H, c, Q, ...)
-    x_dt = (x * dt[..., None]).to(dtype)  # (B, H, c, Q, P)
-    log_decay = dt * A.to(acc)[:, None, None]  # (B, H, c, Q)
-    cum = log_decay.cumsum(dim=-1)
+    dt = dt.to(acc)
+    x_dt, B, C = chunked((x * dt[..., None]).to(dtype)), chunked(B), chunked(C)  # (B H c, Q, P), (B H c, Q, N) twice
+    cum = chunked(dt * A.to(acc)).cumsum(dim=-1)  # (B H c, Q) the log decay from the chunk's start
 
     # 1. Within each chunk: y_i = sum_{j <= i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j (j < i if exclusive).
     # A difference of the chunk's running sums, as in steps 2 and 4 and in Mamba2's kernels: within one
     # chunk it is exact enough, and it costs one Q x Q temporary, which torch.compile fuses away
-    # (segment_sum's cumulative form is for step 3's long spans).
+    # (segment_decay's cumulative form is for step 3's long spans).
     position = torch.arange(chunk_size, device=x.device)
-    behind = position[:, None] - position[None, :]  # (Q, Q): i - j
-    nearest = 0 if exclusive is None else exclusive.long()[:, None, None, None, None]  # the closest j: i or i - 1
-    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill_(behind < nearest, -math.inf)  # (B, H, c, Q, Q)
-    scores = (C @ B.transpose(-1, -2)).mul_(decay.exp_())  # (B, H, c, Q, Q), in place: the largest temporaries
+    behind = position[:, None] - position  # (Q, Q): i - j
+    decay = cum[:, :, None] - cum[:, None, :]  # (B H c, Q, Q)
+    if exclusive is None:
+        decay.masked_fill_(behind < 0, -math.inf)
+    else:  # the closest j: i, or i - 1 where exclusive
+        decay.view(batch, -1, chunk_size, chunk_size).masked_fill_(behind < exclusive.long()[:, None, None, None],
+                                                                   -math.inf)
+    scores = torch.bmm(C, B.mT).mul_(decay.exp_())  # (B H c, Q, Q), in place: the largest temporaries
     del decay
-    y = scores @ x_dt  # (B, H, c, Q, P)
+    y = torch.bmm(scores, x_dt)  # (B H c, Q, P)
     del scores
 
     # 2. Each chunk's final state from its own inputs, decayed to the chunk's end
-    to_end = (cum[..., -1:] - cum).exp()  # (B, H, c, Q)
-    chunk_states = (x_dt.transpose(-1, -2) @ (B * to_end[..., None]).to(dtype)).to(acc)  # (B, H, c, P, N)
+    to_end = (cum[:, -1:] - cum).exp()  # (B H c, Q)
+    chunk_states = torch.bmm(x_dt.mT, (B * to_end[..., None]).to(dtype)).to(acc)  # (B H c, P, N)
 
-    # 3. Carry the state across chunks: entering[:, :, c] is the state before chunk c
-    state = (torch.zeros(batch, heads, head_dim, B.shape[-1], dtype=acc, device=x.device)
-             if initial_state is None else initial_state.to(acc))
-    entering, state = carry_across_chunks(chunk_states, cum[..., -1], state, chunks_per_block)
-    # entering: (B, H, c, P, N); state: (B, H, P, N)
+    # 3. Carry the state across chunks: entering[:, c] is the state before chunk c
+    state = (x.new_zeros(batch * heads, head_dim * N, dtype=acc) if initial_state is None
+             else initial_state.to(acc).view(batch * heads, head_dim * N))
+    entering, state = carry_across_chunks(chunk_states.view(batch * heads, chunks, head_dim * N),
+                                          cum[:, -1].view(batch * heads, chunks), state, chunks_per_block)
+    # entering: (B H, c, PN); state: (B H, PN)
 
     # 4. Outputs from the carried-in state, decayed to each position
-    y = y.add_((C * cum.exp()[..., None].to(dtype)) @ entering.transpose(-1, -2).to(dtype))  # (B, H, c, Q, P)
-    y = y.reshape(batch, heads, chunks * chunk_size, head_dim)[:, :, :length].transpose(1, 2)  # (B, L, H, P)
-    return y, state
+    y.baddbmm_(C * cum.exp()[..., None].to(dtype), entering.reshape(-1, head_dim, N).mT.to(dtype))  # (B H c, Q, P)
+    y = y.view(batch, heads, chunks * chunk_size, head_dim)[:, :, :length].transpose(1, 2)  # (B, L, H, P)
+    return y, state.view(batch, heads, head_dim, N)
 
 
 @dataclass(frozen=True)
