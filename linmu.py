@@ -533,9 +533,11 @@ class Windows:
     """Groups of tokens that attend among themselves: window w's queries attend to its keys where mask allows.
 
     Positions are flat indices into the (B * L) tokens of a batch. queries: (W, Sq); keys: (W, Sk);
-    mask: (W, Sq or 1, Sk), True where a query may attend to a key (every query row allows at least
-    one key); writes: (W, Sq), True for the queries whose output this window gives (each token is
-    written by exactly one window; other entries are padding or belong to another window)."""
+    mask: (W, 1, Sq or 1, Sk), SDPA's additive mask in the queries' dtype: 0 where a query may attend
+    to a key, -inf where not (every query row allows at least one key; additive rather than boolean,
+    which SDPA would turn into this in every layer); writes: (W, Sq), True for the queries whose
+    output this window gives (each token is written by exactly one window; other entries are padding
+    or belong to another window)."""
 
     queries: Tensor
     keys: Tensor
@@ -543,14 +545,20 @@ class Windows:
     writes: Tensor
 
 
-def swin_windows(layout: TokenLayout, window: tuple[int, int, int], shifted: bool) -> Windows:
+def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean mask (W, Sq or 1, Sk), True where a query may attend, as Windows.mask: (W, 1, Sq or 1, Sk)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, -math.inf)[:, None]
+
+
+def swin_windows(layout: TokenLayout, window: tuple[int, int, int], shifted: bool, dtype: torch.dtype) -> Windows:
     """The visual tokens of a layout grouped into Swin windows over their (frames, rows, cols) grids.
 
     Along each axis of length n the window is w = min(window, n) (clipped to small grids). Shifted
     windows start half a window in, as Swin's cyclic roll by w // 2 plus its region mask does:
     cells [0, w//2) form their own (partial) window, then [w//2, w//2 + w), ...; an axis no longer
     than its window is not shifted. Tokens of different grids never share a window. Queries and
-    keys are the window's tokens (S of them, padded with a dummy 0 where a window has fewer).
+    keys are the window's tokens (S of them, padded with a dummy 0 where a window has fewer); dtype:
+    the queries' (Windows.mask).
     """
     batch, length = layout.visual.shape
     device = layout.visual.device
@@ -573,18 +581,19 @@ def swin_windows(layout: TokenLayout, window: tuple[int, int, int], shifted: boo
     valid = torch.zeros_like(index, dtype=torch.bool)
     index[window_id[order], rank] = flat[order]
     valid[window_id[order], rank] = True
-    return Windows(index, index, valid[:, None, :], valid)
+    return Windows(index, index, additive_mask(valid[:, None, :], dtype), valid)
 
 
 TEXT_BLOCK = 16  # text queries are windowed in blocks of this many consecutive positions
 
 
-def text_windows(layout: TokenLayout, text_window: int) -> Windows:
+def text_windows(layout: TokenLayout, text_window: int, dtype: torch.dtype) -> Windows:
     """Causal sliding windows for the text tokens: each attends to the text_window positions ending at itself.
 
     Consecutive positions form blocks of b = min(TEXT_BLOCK, text_window) queries, whose keys are
     the b + text_window - 1 positions ending at the block's last; a block becomes a window only if
     it holds a text query, so the cost is O(text tokens * text_window), and nothing for visual rows.
+    dtype: the queries' (Windows.mask).
     """
     batch, length = layout.visual.shape
     device = layout.visual.device
@@ -600,18 +609,21 @@ def text_windows(layout: TokenLayout, text_window: int) -> Windows:
     sample, kept = text.any(-1).nonzero(as_tuple=True)  # the blocks with a text query
     offset = sample[:, None] * length
     return Windows(offset + query_pos[kept].clamp(max=length - 1), offset + key_pos[kept].clamp(0, length - 1),
-                   mask[kept], text[sample, kept])
+                   additive_mask(mask[kept], dtype), text[sample, kept])
 
 
 @dataclass
 class LocalWindows:
     """All of Local-Swin's windows over one prompt: the text windows and the Swin windows (None
-    when the prompt has no text, or no visual token) and, for each of the B * L tokens, the row of
-    the windows' concatenated outputs (text windows' query slots, then Swin windows') that holds its output."""
+    when the prompt has no text, or no visual token); for each of the B * L tokens, the row of the
+    windows' concatenated outputs (text windows' query slots, then Swin windows') that holds its
+    output; and ring (B, text_window), the flat position of the token each slot of the text
+    window's decoding ring holds after the prompt (LocalSwin.attend_windows)."""
 
     text: Windows | None
     swin: Windows | None
     source: Tensor
+    ring: Tensor
 
     @property
     def present(self) -> list[Windows]:
@@ -619,14 +631,22 @@ class LocalWindows:
         return [w for w in (self.text, self.swin) if w is not None]
 
     @classmethod
-    def build(cls, layout: TokenLayout, text: Windows | None, swin: Windows | None) -> LocalWindows:
-        source = torch.empty(layout.visual.numel(), dtype=torch.long, device=layout.visual.device)  # (B * L,)
+    def build(cls, layout: TokenLayout, text: Windows | None, swin: Windows | None, text_window: int) -> LocalWindows:
+        batch, length = layout.visual.shape
+        device = layout.visual.device
+        source = torch.empty(batch * length, dtype=torch.long, device=device)  # (B * L,)
         start = 0
-        for windows in cls(text, swin, source).present:
+        for windows in [w for w in (text, swin) if w is not None]:
             slots = windows.writes.flatten().nonzero().squeeze(1)  # the query slots that give a token's output
             source[windows.queries.flatten()[slots]] = start + slots
             start += windows.writes.numel()
-        return cls(text, swin, source)
+        # the ring: position p in slot p mod W. Of a sequence of n real tokens, slot s holds the p = s mod W
+        # in [n - W, n): the last W - 1 real tokens, and in slot n mod W the one the next token overwrites
+        # (slots of positions before the prompt, p < 0, get any finite values: masked until overwritten)
+        n = layout.lengths[:, None]
+        held = n - text_window + (torch.arange(text_window, device=device) - n) % text_window  # (B, W)
+        ring = torch.arange(batch, device=device)[:, None] * length + held.clamp(min=0)
+        return cls(text, swin, source, ring)
 
 
 def window_attention(q: Tensor, k: Tensor, v: Tensor, windows: Windows) -> Tensor:
@@ -634,7 +654,7 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, windows: Windows) -> Tenso
     tokens, H a multiple of Hkv -> the outputs of every query slot (W, Sq, H, Dh)."""
     gather = lambda t, index: t[index].transpose(1, 2)  # (N, h, Dh) -> (W, h, S, Dh)
     attended = F.scaled_dot_product_attention(gather(q, windows.queries), gather(k, windows.keys),
-                                              gather(v, windows.keys), attn_mask=windows.mask[:, None],
+                                              gather(v, windows.keys), attn_mask=windows.mask,
                                               enable_gqa=True)  # (W, H, Sq, Dh)
     return attended.transpose(1, 2)
 
@@ -655,30 +675,20 @@ class LocalSwin(AttentionProjections):
         super().__init__(d_model, heads, kv_heads, head_dim)
         self.text_window = cfg.text_window
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], windows: LocalWindows,
-                lengths: Tensor | None = None) -> tuple[Tensor, KVCache]:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], windows: LocalWindows) -> tuple[Tensor, KVCache]:
         """Full-sequence pass: x (B, L, D) -> (B, L, D) and the text window's ring for decoding, which
-        holds each sequence's last W - 1 real tokens (lengths (B,), right padding after them, as in
-        TokenLayout; None for none)."""
-        out, ring = self.attend_windows(*self.qkv(x, *rope), windows, lengths)
+        holds each sequence's last W - 1 real tokens (LocalWindows.ring)."""
+        out, ring = self.attend_windows(*self.qkv(x, *rope), windows)
         return self.o_proj(out), ring
 
-    def attend_windows(self, q: Tensor, k: Tensor, v: Tensor, windows: LocalWindows,
-                       lengths: Tensor | None) -> tuple[Tensor, KVCache]:
+    def attend_windows(self, q: Tensor, k: Tensor, v: Tensor, windows: LocalWindows) -> tuple[Tensor, KVCache]:
         """The prompt's windows: q (B, L, H, Dh), k and v (B, L, Hkv, Dh) -> the attention's output
         (B, L, H Dh), before o_proj, and the ring of the text window (speed.FusedMMATE projects its own q, k, v)."""
         batch, length = q.shape[:2]
         q, k, v = (t.flatten(0, 1) for t in (q, k, v))  # (B * L, h, Dh)
         slots = torch.cat([self.attend(q, k, v, w).flatten(0, 1) for w in windows.present])  # every query slot
         out = slots[windows.source]  # (B * L, H, Dh): each token's output, from the window that gives it
-        # the ring: position p in slot p mod W. Of a sequence of n real tokens, slot s holds the p = s mod W
-        # in [n - W, n): the last W - 1 real tokens, and in slot n mod W the one the next token overwrites
-        # (slots of positions before the prompt, p < 0, get any finite values: masked until overwritten)
-        W = self.text_window
-        n = torch.full((batch, 1), length, device=q.device) if lengths is None else lengths[:, None]
-        held = n - W + (torch.arange(W, device=q.device) - n) % W  # (B, W) the position in each slot
-        index = held.clamp(min=0)[:, None, :, None].expand(-1, self.num_kv_heads, -1, self.head_dim)  # (B, Hkv, W, Dh)
-        ring = [t.unflatten(0, (batch, length)).transpose(1, 2).gather(2, index) for t in (k, v)]  # (B, Hkv, W, Dh)
+        ring = [t[windows.ring].transpose(1, 2) for t in (k, v)]  # (B, Hkv, W, Dh)
         return out.unflatten(0, (batch, length)).flatten(2), KVCache(*ring)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, windows: Windows) -> Tensor:
@@ -738,10 +748,11 @@ class PromptPlan:
         patterns = [layer_pattern(index) for index in range(layers)]
         scans = {order: major_order(layout, MAJOR_ORDERS[order]) if order and mixer.rotary_scan and has_visual else None
                  for order in {pattern["scan_order"] for pattern in patterns}}  # order 0 is the prompt's own
-        text = text_windows(layout, mixer.text_window) if has_text else None
+        dtype = rope[0].dtype  # the queries' (TextModel.plan): the windows' additive masks are in it
+        text = text_windows(layout, mixer.text_window, dtype) if has_text else None
         shape = (mixer.window_frames, mixer.window_rows, mixer.window_cols)
-        windows = {shifted: LocalWindows.build(layout, text,
-                                               swin_windows(layout, shape, shifted) if has_visual else None)
+        windows = {shifted: LocalWindows.build(layout, text, swin_windows(layout, shape, shifted, dtype)
+                                               if has_visual else None, mixer.text_window)
                    for shifted in {pattern["shifted"] for pattern in patterns}}
         return [cls(rope, visual, layout.lengths, windows[pattern["shifted"]], scans[pattern["scan_order"]], new_tokens,
                     chunking) for pattern in patterns]
@@ -821,7 +832,7 @@ class MMATE(nn.Module):
         """The mixer contract of the decoder, for the whole prompt: x (B, L, D) -> (B, L, D) and the decoding cache."""
         flex, flex_cache = (self.flex(x, plan.visual, plan.scan, plan.chunking, plan.lengths) if self.branches != "swin"
                             else (None, None))
-        swin, swin_cache = (self.swin(x, plan.rope, plan.windows, plan.lengths) if self.branches != "flex"
+        swin, swin_cache = (self.swin(x, plan.rope, plan.windows) if self.branches != "flex"
                             else (None, None))
         return self._mix(x, flex, swin), MMATECache(flex_cache, swin_cache)
 

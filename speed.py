@@ -292,7 +292,7 @@ class FusedMMATE(MMATE):
         if plan.scan is not None:
             y = y.gather(1, plan.scan[1][..., None, None].expand_as(y))  # back in the prompt's order
         attention, ring = swin.attend_windows(*rotate_qkv(qkv, swin.num_heads, swin.num_kv_heads, swin.head_dim,
-                                                          *plan.rope), plan.windows, plan.lengths)
+                                                          *plan.rope), plan.windows)
         return self._mix(z, y, attention, g), MMATECache(FlexMACache(flex.conv_state(xBC, plan.lengths), ssm), ring)
 
     def step(self, x: Tensor, rope: tuple[Tensor, Tensor], position: Tensor, cache: MMATECache) -> Tensor:
