@@ -154,7 +154,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     # entering: (B H, c, PN); state: (B H, PN)
 
     # 4. Outputs from the carried-in state, decayed to each position
-    y.baddbmm_(C * cum.exp()[..., None].to(dtype), entering.reshape(-1, head_dim, N).mT.to(dtype))  # (B H c, Q, P)
+    y = torch.baddbmm(y, C * cum.exp()[..., None].to(dtype), entering.reshape(-1, head_dim, N).mT.to(dtype))
     y = y.view(batch, heads, chunks * chunk_size, head_dim)[:, :, :length].transpose(1, 2)  # (B, L, H, P)
     return y, state.view(batch, heads, head_dim, N)
 
