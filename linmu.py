@@ -135,8 +135,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     if exclusive is None:
         decay.masked_fill_(behind < 0, -math.inf)
     else:  # the closest j: i, or i - 1 where exclusive
-        decay.view(batch, -1, chunk_size, chunk_size).masked_fill_(behind < exclusive.long()[:, None, None, None],
-                                                                   -math.inf)
+        decay.view(batch, -1, chunk_size, chunk_size).masked_fill_(behind < exclusive.view(-1, 1, 1, 1), -math.inf)
     scores = torch.bmm(C, B.mT).mul_(decay.exp_())  # (B H c, Q, Q), in place: the largest temporaries
     del decay
     y = torch.bmm(scores, x_dt)  # (B H c, Q, P)
@@ -369,9 +368,14 @@ class FlexMA(nn.Module):
         input projection")."""
         return tuple(F.linear(u, w) for w in self.in_proj.weight.split([self.d_inner, self.conv_dim, self.heads]))
 
+    def _convolutions(self, backward: bool) -> tuple[Tensor, Tensor]:
+        """The directions' convolutions stacked, forward first (_features): weight (d, conv_dim, 1, K), bias (d, conv_dim)."""
+        convs = [self.conv_forward, self.conv_backward] if backward else [self.conv_forward]
+        return torch.stack([conv.weight for conv in convs]), torch.stack([conv.bias for conv in convs])
+
     def _features(self, xBC: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Causal depthwise conv + SiLU, then split, for d directions stacked along the batch:
-        xBC (d B, K - 1 + n, conv_dim), the n inputs after the K - 1 before them; weight (d, conv_dim, K)
+        xBC (d B, K - 1 + n, conv_dim), the n inputs after the K - 1 before them; weight (d, conv_dim, 1, K)
         and bias (d, conv_dim), each direction's convolution -> x (d B, n, H, P), B and C (d B, n, H, N).
 
         The convolution is written as K shifted multiply-adds along the sequence: for depthwise
@@ -379,13 +383,12 @@ class FlexMA(nn.Module):
         directions, K = weight.shape[0], weight.shape[-1]
         n = xBC.shape[1] - (K - 1)
         seq = xBC.unflatten(0, (directions, -1))  # (d, B, K - 1 + n, conv_dim)
-        weight, bias = weight[:, None, None], bias[:, None, None]  # (d, 1, 1, conv_dim, K), (d, 1, 1, conv_dim)
-        out = torch.addcmul(bias, seq[:, :, :n], weight[..., 0])
+        taps = weight.view(directions, 1, 1, -1, K).unbind(-1)  # K of (d, 1, 1, conv_dim)
+        out = torch.addcmul(bias.view(directions, 1, 1, -1), seq[:, :, :n], taps[0])
         for k in range(1, K):
-            out.addcmul_(seq[:, :, k:k + n], weight[..., k])  # in place: addcmul's backward does not read out
-        x, B, C = F.silu(out.flatten(0, 1)).split([self.d_inner, self.d_inner, self.d_inner], dim=-1)
-        return (x.unflatten(-1, (self.heads, self.head_dim)), B.unflatten(-1, (self.heads, self.d_state)),
-                C.unflatten(-1, (self.heads, self.d_state)))
+            out.addcmul_(seq[:, :, k:k + n], taps[k])  # in place: addcmul's backward does not read out
+        # x, B, C: (d B, n, H, P) each, N = P
+        return F.silu(out).view(directions * out.shape[1], n, 3, self.heads, self.head_dim).unbind(2)
 
     def _scan(self, xBC: Tensor, dt: Tensor, visual: Tensor | None, chunking: Chunking) -> tuple[Tensor, Tensor]:
         """Both directions of Flex-MA over the whole prompt, as one batch of scans.
@@ -398,18 +401,17 @@ class FlexMA(nn.Module):
         direction -> y (B, L, H, P), and the forward direction's final state (B, H, P, N).
         """
         batch = xBC.shape[0]
-        convs = [self.conv_forward] if visual is None else [self.conv_forward, self.conv_backward]
-        weight = torch.stack([conv.weight[:, 0] for conv in convs])  # (d, conv_dim, K)
-        bias = torch.stack([conv.bias for conv in convs])  # (d, conv_dim)
+        weight, bias = self._convolutions(visual is not None)
         K = weight.shape[-1]
         inputs, steps = [xBC], [dt]
         if visual is not None:  # reversed; text tokens: no input, no decay
-            inputs.append((xBC * visual[..., None]).flip(1))
-            steps.append((dt * visual[..., None]).flip(1))
+            keep = visual[..., None]
+            inputs.append((xBC * keep).flip(1))
+            steps.append((dt * keep).flip(1))
         inputs = F.pad(torch.cat(inputs), (0, 0, K - 1, 0))  # (d B, K - 1 + L, conv_dim): zeros before the first
         x, B, C = self._features(inputs, weight, bias)  # (d B, L, H, P), (d B, L, H, N) twice
         del inputs  # freed before the scan's temporaries
-        exclusive = torch.arange(len(convs) * batch, device=xBC.device) >= batch  # the backward direction's
+        exclusive = torch.arange(len(steps) * batch, device=xBC.device) >= batch  # the backward direction's
         out, state = ssd_scan(x, torch.cat(steps), -self.A_log.exp(), B, C, chunking.chunk_size,
                               chunking.chunks_per_block, exclusive=exclusive)  # (d B, L, H, P)
         y = torch.addcmul(out[:batch], self.D[:, None], x[:batch])  # + D x_t

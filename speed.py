@@ -128,11 +128,9 @@ class PiecewiseFlexMA(FlexMA):
         Each piece reads the K - 1 conv inputs before it in scan order (zeros before the first
         token) and starts from the state its direction's previous piece ended in."""
         batch, length, _ = xBC.shape
-        convs = [self.conv_forward] if visual is None else [self.conv_forward, self.conv_backward]
-        weight = torch.stack([conv.weight[:, 0] for conv in convs])  # (d, conv_dim, K)
-        bias = torch.stack([conv.bias for conv in convs])  # (d, conv_dim)
+        weight, bias = self._convolutions(visual is not None)
         K = weight.shape[-1]
-        exclusive = torch.arange(len(convs) * batch, device=xBC.device) >= batch  # the backward direction's
+        exclusive = torch.arange(len(weight) * batch, device=xBC.device) >= batch  # the backward direction's
         A = -self.A_log.exp()
         y, state = xBC.new_zeros(batch, length, self.heads, self.head_dim), None  # both directions add into y
         for piece in pieces(length, self.piece_tokens):
