@@ -318,6 +318,39 @@ class FlexMACache:
     ssm: Tensor
 
 
+@dataclass
+class FlexPrompt:
+    """What Flex-MA reads of a prompt besides its tokens: the same for every layer, so PromptPlan builds it
+    once per prompt (FlexPrompt.build) instead of every layer recomputing it.
+
+    visual: (B, L) bool, or None for a prompt without visual tokens (no backward scan);
+    reads: (d B, L, 1) bool, d = 2 directions with visual tokens, else 1: True where a direction's scan
+      reads the token (its conv input and dt are zeroed elsewhere): the forward direction reads the
+      real tokens (padding's dt = 0 leaves the state unchanged), the backward one the visual tokens,
+      in reverse order (text's dt = 0 passes the state through);
+    exclusive: (d B,) bool, True for the backward direction's sequences (ssd_scan's exclusive mode);
+    last: (B, K - 1) the flat positions (into the B * L tokens) of each sequence's last K - 1 real
+      tokens, the decoding's conv state (FlexMA.conv_state), and kept (B, K - 1, 1) bool: False for
+      those before the first token (a prompt shorter than K - 1), which the state holds as zeros."""
+
+    visual: Tensor | None
+    reads: Tensor
+    exclusive: Tensor
+    last: Tensor
+    kept: Tensor
+
+    @classmethod
+    def build(cls, visual: Tensor | None, lengths: Tensor, length: int, conv_kernel: int) -> FlexPrompt:
+        """visual: (B, L) bool or None; lengths: (B,) each sequence's real tokens, right padding after
+        them (TokenLayout); length: L; conv_kernel: K."""
+        batch, device = len(lengths), lengths.device
+        real = torch.arange(length, device=device) < lengths[:, None]  # (B, L)
+        reads = real if visual is None else torch.cat([real, visual.flip(1)])  # (d B, L)
+        last = lengths[:, None] - (conv_kernel - 1) + torch.arange(conv_kernel - 1, device=device)  # (B, K-1)
+        return cls(visual, reads[..., None], torch.arange(len(reads), device=device) >= batch,
+                   torch.arange(batch, device=device)[:, None] * length + last.clamp(min=0), last[..., None] >= 0)
+
+
 class FlexMA(nn.Module):
     """Flexible Mamba: a Mamba2 mixer whose scan runs both ways over visual tokens, forward only over text.
 
@@ -369,7 +402,8 @@ class FlexMA(nn.Module):
         return tuple(F.linear(u, w) for w in self.in_proj.weight.split([self.d_inner, self.conv_dim, self.heads]))
 
     def _convolutions(self, backward: bool) -> tuple[Tensor, Tensor]:
-        """The directions' convolutions stacked, forward first (_features): weight (d, conv_dim, 1, K), bias (d, conv_dim)."""
+        """The directions' convolutions stacked, forward first (_features): weight (d, conv_dim, 1, K), bias
+        (d, conv_dim)."""
         convs = [self.conv_forward, self.conv_backward] if backward else [self.conv_forward]
         return torch.stack([conv.weight for conv in convs]), torch.stack([conv.bias for conv in convs])
 
@@ -390,33 +424,29 @@ class FlexMA(nn.Module):
         # x, B, C: (d B, n, H, P) each, N = P
         return F.silu(out).view(directions * out.shape[1], n, 3, self.heads, self.head_dim).unbind(2)
 
-    def _scan(self, xBC: Tensor, dt: Tensor, visual: Tensor | None, chunking: Chunking) -> tuple[Tensor, Tensor]:
+    def _scan(self, xBC: Tensor, dt: Tensor, prompt: FlexPrompt, chunking: Chunking) -> tuple[Tensor, Tensor]:
         """Both directions of Flex-MA over the whole prompt, as one batch of scans.
 
         The forward direction is conv_forward and the scan over s <= t, plus D x_t. The backward
         direction is the same computation on the reversed sequence, with the text tokens' conv
         inputs and dt zeroed, conv_backward and the exclusive scan (s > t): a second batch of
         sequences behind the forward one, so both directions are one scan.
-        xBC: (B, L, conv_dim), dt: (B, L, H); visual: (B, L) bool, or None for no backward
-        direction -> y (B, L, H, P), and the forward direction's final state (B, H, P, N).
+        xBC: (B, L, conv_dim), dt: (B, L, H) -> y (B, L, H, P), and the forward direction's final
+        state (B, H, P, N); what each direction reads: prompt (FlexPrompt).
         """
         batch = xBC.shape[0]
-        weight, bias = self._convolutions(visual is not None)
+        weight, bias = self._convolutions(prompt.visual is not None)
         K = weight.shape[-1]
-        inputs, steps = [xBC], [dt]
-        if visual is not None:  # reversed; text tokens: no input, no decay
-            keep = visual[..., None]
-            inputs.append((xBC * keep).flip(1))
-            steps.append((dt * keep).flip(1))
-        inputs = F.pad(torch.cat(inputs), (0, 0, K - 1, 0))  # (d B, K - 1 + L, conv_dim): zeros before the first
+        if prompt.visual is not None:  # the backward direction: the sequence reversed
+            xBC, dt = torch.cat([xBC, xBC.flip(1)]), torch.cat([dt, dt.flip(1)])  # (d B, L, ...)
+        inputs = F.pad(xBC * prompt.reads, (0, 0, K - 1, 0))  # (d B, K - 1 + L, conv_dim): zeros before the first
         x, B, C = self._features(inputs, weight, bias)  # (d B, L, H, P), (d B, L, H, N) twice
         del inputs  # freed before the scan's temporaries
-        exclusive = torch.arange(len(steps) * batch, device=xBC.device) >= batch  # the backward direction's
-        out, state = ssd_scan(x, torch.cat(steps), -self.A_log.exp(), B, C, chunking.chunk_size,
-                              chunking.chunks_per_block, exclusive=exclusive)  # (d B, L, H, P)
+        out, state = ssd_scan(x, dt * prompt.reads, -self.A_log.exp(), B, C, chunking.chunk_size,
+                              chunking.chunks_per_block, exclusive=prompt.exclusive)  # (d B, L, H, P)
         y = torch.addcmul(out[:batch], self.D[:, None], x[:batch])  # + D x_t
-        if visual is not None:  # back in the original order, to visual tokens only
-            y.addcmul_(out[batch:].flip(1), visual[..., None, None])
+        if prompt.visual is not None:  # back in the original order, to visual tokens only
+            y.addcmul_(out[batch:].flip(1), prompt.visual[..., None, None])
         return y, state[:batch]
 
     def _output(self, y: Tensor, z: Tensor) -> Tensor:
@@ -424,38 +454,30 @@ class FlexMA(nn.Module):
         gate = F.silu(z + self.z_bias).unflatten(-1, (self.heads, self.head_dim))
         return self.out_proj(self.norm(y * gate).flatten(2))
 
-    def forward(self, u: Tensor, visual: Tensor | None, scan: tuple[Tensor, Tensor] | None = None,
-                chunking: Chunking = Chunking(), lengths: Tensor | None = None) -> tuple[Tensor, FlexMACache]:
-        """Full-sequence pass. u: (B, L, D); visual: (B, L) bool, or None for a prompt without visual
-        tokens (no backward scan); scan: this layer's (order, inverse) of Rotary Major-Scan, or None
-        to scan the prompt's own order; chunking: the scan's; lengths: (B,) each sequence's real
-        tokens, right padding after them (TokenLayout), None for none. Returns (B, L, D) and the
-        decoding cache, each sequence's state after its last real token.
+    def forward(self, u: Tensor, prompt: FlexPrompt, scan: tuple[Tensor, Tensor] | None = None,
+                chunking: Chunking = Chunking()) -> tuple[Tensor, FlexMACache]:
+        """Full-sequence pass. u: (B, L, D); prompt: its visual tokens, padding and ends (FlexPrompt);
+        scan: this layer's (order, inverse) of Rotary Major-Scan, or None to scan the prompt's own
+        order; chunking: the scan's. Returns (B, L, D) and the decoding cache, each sequence's state
+        after its last real token.
 
         Padding gets dt = 0, which leaves the state unchanged (as for text in the backward scan), so
         the forward scan's final state is the one after the last real token; the conv state is
         each sequence's last K - 1 real inputs. Padding is text, which a Rotary Major-Scan leaves in
-        place: in scan order too, a sequence's real tokens come first."""
-        batch, length, _ = u.shape
-        lengths = torch.full((batch,), length, device=u.device) if lengths is None else lengths
-        if scan is not None:  # visual positions stay visual: the mask holds for the permuted sequence
+        place: in scan order too, a sequence's real tokens come first, and visual positions stay visual."""
+        if scan is not None:
             u = u.gather(1, scan[0][..., None].expand_as(u))
         z, xBC, dt = self._split(u)
-        real = torch.arange(length, device=u.device) < lengths[:, None]  # (B, L)
-        dt = F.softplus(dt + self.dt_bias) * real[..., None]  # (B, L, H)
-        y, ssm = self._scan(xBC, dt, visual, chunking)  # (B, L, H, P)
+        y, ssm = self._scan(xBC, F.softplus(dt + self.dt_bias), prompt, chunking)  # (B, L, H, P)
         out = self._output(y, z)
         if scan is not None:
             out = out.gather(1, scan[1][..., None].expand_as(out))  # back in the prompt's order
-        return out, FlexMACache(self.conv_state(xBC, lengths), ssm)
+        return out, FlexMACache(self.conv_state(xBC, prompt), ssm)
 
-    def conv_state(self, xBC: Tensor, lengths: Tensor) -> Tensor:
+    def conv_state(self, xBC: Tensor, prompt: FlexPrompt) -> Tensor:
         """The decoding cache's conv inputs: each sequence's last K-1 real inputs of xBC (B, L, conv_dim),
-        lengths (B,) real tokens, zeros before the first token -> (B, conv_dim, K-1)."""
-        K = self.conv_forward.kernel_size[0]
-        last = lengths[:, None] - (K - 1) + torch.arange(K - 1, device=xBC.device)  # (B, K-1) the last real positions
-        state = xBC.gather(1, last.clamp(min=0)[..., None].expand(-1, -1, xBC.shape[-1]))  # (B, K-1, C)
-        return torch.where(last[..., None] >= 0, state, 0).transpose(1, 2)  # (B, C, K-1): 0 before the first
+        zeros before the first token (FlexPrompt.last) -> (B, conv_dim, K-1)."""
+        return (xBC.flatten(0, 1)[prompt.last] * prompt.kept).transpose(1, 2)
 
     def step(self, u: Tensor, cache: FlexMACache) -> Tensor:
         """One new text token, O(1) in the context length: u (B, 1, D) -> (B, 1, D); the cache is updated in place."""
@@ -722,16 +744,14 @@ class PromptPlan:
     shifted Swin windows or not, and the Rotary Major-Scan order, data and not code; so that one
     compiled graph serves every layer (speed.compile_model).
 
-    rope: (cos, sin), each (B, L, Dh); visual: (B, L) bool, or None when the prompt has no visual
-    token; lengths: (B,) each sequence's real tokens, right padding after them (TokenLayout);
-    windows: this layer's Local-Swin windows, None for the teacher; scan: this layer's
+    rope: (cos, sin), each (B, L, Dh); flex: what Flex-MA reads of the prompt (FlexPrompt), None
+    for the teacher; windows: this layer's Local-Swin windows, None for the teacher; scan: this layer's
     Rotary Major-Scan (order, inverse), None to scan the prompt's own order (the teacher, without
     rotary_scan or visual tokens, and the first of MAJOR_ORDERS); new_tokens: how many tokens the
     decoding caches leave room for after the prompt; chunking: Flex-MA's scan's."""
 
     rope: tuple[Tensor, Tensor]
-    visual: Tensor | None
-    lengths: Tensor
+    flex: FlexPrompt | None
     windows: LocalWindows | None
     scan: tuple[Tensor, Tensor] | None = None
     new_tokens: int = 0
@@ -743,10 +763,11 @@ class PromptPlan:
         """The plans of a prompt for `layers` decoder layers of the teacher (mixer None) or of a
         student with these M-MATE settings. Here, once per prompt, the host may wait on the device
         (nonzero, unique, counts); each kind of window and each scan order is built once and shared."""
-        has_visual, has_text = bool(layout.visual.any()), not bool(layout.visual.all())
-        visual = layout.visual if has_visual else None
         if mixer is None:
-            return [cls(rope, visual, layout.lengths, None, None, new_tokens, chunking)] * layers
+            return [cls(rope, None, None, None, new_tokens, chunking)] * layers
+        has_visual, has_text = bool(layout.visual.any()), not bool(layout.visual.all())
+        flex = FlexPrompt.build(layout.visual if has_visual else None, layout.lengths, layout.visual.shape[1],
+                                mixer.conv_kernel)
         patterns = [layer_pattern(index) for index in range(layers)]
         scans = {order: major_order(layout, MAJOR_ORDERS[order]) if order and mixer.rotary_scan and has_visual else None
                  for order in {pattern["scan_order"] for pattern in patterns}}  # order 0 is the prompt's own
@@ -756,8 +777,8 @@ class PromptPlan:
         windows = {shifted: LocalWindows.build(layout, text, swin_windows(layout, shape, shifted, dtype)
                                                if has_visual else None, mixer.text_window)
                    for shifted in {pattern["shifted"] for pattern in patterns}}
-        return [cls(rope, visual, layout.lengths, windows[pattern["shifted"]], scans[pattern["scan_order"]], new_tokens,
-                    chunking) for pattern in patterns]
+        return [cls(rope, flex, windows[pattern["shifted"]], scans[pattern["scan_order"]], new_tokens, chunking)
+                for pattern in patterns]
 
 
 def layer_pattern(index: int) -> dict:
@@ -832,7 +853,7 @@ class MMATE(nn.Module):
 
     def forward(self, x: Tensor, plan: PromptPlan) -> tuple[Tensor, MMATECache]:
         """The mixer contract of the decoder, for the whole prompt: x (B, L, D) -> (B, L, D) and the decoding cache."""
-        flex, flex_cache = (self.flex(x, plan.visual, plan.scan, plan.chunking, plan.lengths) if self.branches != "swin"
+        flex, flex_cache = (self.flex(x, plan.flex, plan.scan, plan.chunking) if self.branches != "swin"
                             else (None, None))
         swin, swin_cache = (self.swin(x, plan.rope, plan.windows) if self.branches != "flex"
                             else (None, None))
