@@ -255,7 +255,7 @@ class FusedMMATE(MMATE):
     step's recurrence is written here with few operations (FlexMA.step is its reference).
     """
 
-    fused_buffers = ("w_in", "b_in", "w_out", "A")
+    fused_buffers = ("w_in", "b_in", "w_out", "A", "D")
 
     def fuse(self) -> None:
         flex, swin = self.flex, self.swin
@@ -265,6 +265,7 @@ class FusedMMATE(MMATE):
                              flex.z_bias.new_zeros(sum(w.shape[0] for w in qkv)), self.gate.bias])
         share(self, "w_out", [flex.out_proj.weight, swin.o_proj.weight], dim=1)
         self.register_buffer("A", -flex.A_log.detach().exp()[:, None, None], persistent=False)  # (H, 1, 1)
+        self.register_buffer("D", flex.D.detach()[:, None, None], persistent=False)  # (H, 1, 1), a view of flex.D
 
     def _project(self, x: Tensor) -> tuple[Tensor, ...]:
         """x (B, n, D) -> z, xBC, dt (softplus'ed), qkv and the gate g, each (B, n, ...)."""
@@ -303,7 +304,7 @@ class FusedMMATE(MMATE):
         row, B, C = features.unbind(1)  # (B, H, 1, P), (B, H, 1, N) twice
         x_, dt = row.mT, dt.to(acc).view(-1, flex.heads, 1, 1)  # (B, H, P, 1), (B, H, 1, 1)
         state.ssm.mul_(torch.exp(dt * self.A)).addcmul_(x_ * dt, B)  # (B, H, P, N)
-        y = torch.addcmul((state.ssm * C).sum(-1, keepdim=True), flex.D.view(-1, 1, 1), x_)  # (B, H, P, 1)
+        y = torch.addcmul((state.ssm * C).sum(-1, keepdim=True), self.D, x_)  # (B, H, P, 1)
         attention = swin.attend_ring(*rotate_qkv(qkv, swin.num_heads, swin.num_kv_heads, swin.head_dim, *rope),
                                      position, cache.swin)
         return self._mix(z, y.to(x.dtype).movedim(-1, 1), attention, g)
