@@ -44,13 +44,13 @@ def segment_decay(a: Tensor) -> Tensor:
     return sums.exp_().tril()  # exp in place: cumsum's backward does not need its output
 
 
-def carry_across_chunks(chunk_states: Tensor, chunk_log_decay: Tensor, state: Tensor,
+def carry_across_chunks(chunk_states: Tensor, chunk_log_decay: Tensor, state: Tensor | None,
                         chunks_per_block: int) -> tuple[Tensor, Tensor]:
     """SSD's step 3: the state entering each chunk, s_c = exp(a_{c-1}) s_{c-1} + own_{c-1}, s_0 = state.
 
     For S independent sequences (batch times heads), states flattened (P N -> PN): chunk_states
     (S, c, PN) each chunk's own final state (own_c); chunk_log_decay (S, c) the log decay a_c across
-    chunk c; state (S, PN) before the first chunk. Returns the state entering each chunk (S, c, PN)
+    chunk c; state (S, PN) before the first chunk, None for zeros. Returns the state entering each chunk (S, c, PN)
     and the state after the last one (S, PN).
 
     ssd_minimal writes this recurrence as one matmul with a (c x c) segment-sum of decays, whose
@@ -74,7 +74,8 @@ def carry_across_chunks(chunk_states: Tensor, chunk_log_decay: Tensor, state: Te
     within = torch.bmm(decay[:, :, 1:], own).view(sequences, blocks, R + 1, PN)
 
     # across blocks, ssd_minimal's form: row k is the state entering block k, row b the final state
-    finals = torch.cat([state[:, None], within[:, :, R]], dim=1)  # (S, b+1, PN)
+    finals = (F.pad(within[:, :, R], (0, 0, 1, 0)) if state is None
+              else torch.cat([state[:, None], within[:, :, R]], dim=1))  # (S, b+1, PN)
     entering_blocks = torch.bmm(segment_decay(F.pad(log_decay.sum(-1), (1, 0))), finals)  # (S, b+1, PN)
 
     # entering chunk r of block k: block k's entering state decayed to chunk r, plus the block's own part
@@ -146,8 +147,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     chunk_states = torch.bmm(x_dt.mT, (B * to_end[..., None]).to(dtype)).to(acc)  # (B H c, P, N)
 
     # 3. Carry the state across chunks: entering[:, c] is the state before chunk c
-    state = (x.new_zeros(batch * heads, head_dim * N, dtype=acc) if initial_state is None
-             else initial_state.to(acc).view(batch * heads, head_dim * N))
+    state = None if initial_state is None else initial_state.to(acc).view(batch * heads, head_dim * N)
     entering, state = carry_across_chunks(chunk_states.view(batch * heads, chunks, head_dim * N),
                                           cum[:, -1].view(batch * heads, chunks), state, chunks_per_block)
     # entering: (B H, c, PN); state: (B H, PN)
