@@ -639,7 +639,7 @@ def text_windows(layout: TokenLayout, text_window: int, dtype: torch.dtype) -> W
 @dataclass
 class LocalWindows:
     """All of Local-Swin's windows over one prompt: the text windows and the Swin windows (None
-    when the prompt has no text, or no visual token); for each of the B * L tokens, the row of the
+    when the prompt has no text, or no visual token); source (B, L): for each token, the row of the
     windows' concatenated outputs (text windows' query slots, then Swin windows') that holds its
     output; and ring (B, text_window), the flat position of the token each slot of the text
     window's decoding ring holds after the prompt (LocalSwin.attend_windows)."""
@@ -670,7 +670,7 @@ class LocalWindows:
         n = layout.lengths[:, None]
         held = n - text_window + (torch.arange(text_window, device=device) - n) % text_window  # (B, W)
         ring = torch.arange(batch, device=device)[:, None] * length + held.clamp(min=0)
-        return cls(text, swin, source, ring)
+        return cls(text, swin, source.view(batch, length), ring)
 
 
 def window_attention(q: Tensor, k: Tensor, v: Tensor, windows: Windows) -> Tensor:
@@ -708,12 +708,11 @@ class LocalSwin(AttentionProjections):
     def attend_windows(self, q: Tensor, k: Tensor, v: Tensor, windows: LocalWindows) -> tuple[Tensor, KVCache]:
         """The prompt's windows: q (B, L, H, Dh), k and v (B, L, Hkv, Dh) -> the attention's output
         (B, L, H Dh), before o_proj, and the ring of the text window (speed.FusedMMATE projects its own q, k, v)."""
-        batch, length = q.shape[:2]
         q, k, v = (t.flatten(0, 1) for t in (q, k, v))  # (B * L, h, Dh)
         slots = torch.cat([self.attend(q, k, v, w).flatten(0, 1) for w in windows.present])  # every query slot
-        out = slots[windows.source]  # (B * L, H, Dh): each token's output, from the window that gives it
+        out = slots[windows.source]  # (B, L, H, Dh): each token's output, from the window that gives it
         ring = [t[windows.ring].transpose(1, 2) for t in (k, v)]  # (B, Hkv, W, Dh)
-        return out.unflatten(0, (batch, length)).flatten(2), KVCache(*ring)
+        return out.flatten(2), KVCache(*ring)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, windows: Windows) -> Tensor:
         """One kind of window over the prompt's flat tokens -> (W, Sq, H, Dh) (window_attention)."""
