@@ -291,8 +291,9 @@ def major_order(layout: TokenLayout, axes: tuple[int, int, int]) -> tuple[Tensor
     orders are row- and column-major. Tokens adjacent along any axis become neighbours of the
     scan in some layer. A frame's text marker may so follow tokens of later frames in a
     time-major layer: the prompt is read at once, and generated text, after every grid, stays causal.
-    Returns (order, inverse), (B, L) each: x.gather(1, order) is the scanned sequence, and
-    y.gather(1, inverse) puts the scan's outputs back in the prompt's order.
+    Returns (order, inverse), (B, L) each, flat positions into the B * L tokens (as Windows' are):
+    x.flatten(0, 1)[order] is the scanned sequence, and y.flatten(0, 1)[inverse] puts the scan's
+    outputs back in the prompt's order (one indexing each, whatever x's trailing dimensions).
     """
     batch, length = layout.visual.shape
     device = layout.visual.device
@@ -306,7 +307,7 @@ def major_order(layout: TokenLayout, axes: tuple[int, int, int]) -> tuple[Tensor
     order[flat] = flat[torch.argsort(key)]  # the j-th visual position takes the j-th token in the major order
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(batch * length, device=device)
-    return order.view(batch, length) % length, inverse.view(batch, length) % length
+    return order.view(batch, length), inverse.view(batch, length)
 
 
 @dataclass
@@ -466,12 +467,12 @@ class FlexMA(nn.Module):
         each sequence's last K - 1 real inputs. Padding is text, which a Rotary Major-Scan leaves in
         place: in scan order too, a sequence's real tokens come first, and visual positions stay visual."""
         if scan is not None:
-            u = u.gather(1, scan[0][..., None].expand_as(u))
+            u = u.flatten(0, 1)[scan[0]]
         z, xBC, dt = self._split(u)
         y, ssm = self._scan(xBC, F.softplus(dt + self.dt_bias), prompt, chunking)  # (B, L, H, P)
         out = self._output(y, z)
         if scan is not None:
-            out = out.gather(1, scan[1][..., None].expand_as(out))  # back in the prompt's order
+            out = out.flatten(0, 1)[scan[1]]  # back in the prompt's order
         return out, FlexMACache(self.conv_state(xBC, prompt), ssm)
 
     def conv_state(self, xBC: Tensor, prompt: FlexPrompt) -> Tensor:

@@ -286,10 +286,10 @@ class FusedMMATE(MMATE):
         flex, swin = self.flex, self.swin
         z, xBC, dt, qkv, g = self._project(x)
         if plan.scan is not None:  # Flex-MA reads the prompt in this layer's Rotary Major-Scan order
-            xBC, dt = (t.gather(1, plan.scan[0][..., None].expand_as(t)) for t in (xBC, dt))
+            xBC, dt = (t.flatten(0, 1)[plan.scan[0]] for t in (xBC, dt))
         y, ssm = flex._scan(xBC, dt, plan.flex, plan.chunking)  # (B, L, H, P)
         if plan.scan is not None:
-            y = y.gather(1, plan.scan[1][..., None, None].expand_as(y))  # back in the prompt's order
+            y = y.flatten(0, 1)[plan.scan[1]]  # back in the prompt's order
         attention, ring = swin.attend_windows(*rotate_qkv(qkv, swin.num_heads, swin.num_kv_heads, swin.head_dim,
                                                           *plan.rope), plan.windows)
         return self._mix(z, y, attention, g), MMATECache(FlexMACache(flex.conv_state(xBC, plan.flex), ssm), ring)

@@ -338,9 +338,10 @@ def test_rotary_major_scan_lays_each_grid_out_in_its_major_order():
     cells = layout.cells[0].tolist()
     for axes in linmu.MAJOR_ORDERS:
         order, inverse = linmu.major_order(layout, axes)
-        positions = torch.arange(len(visual)).expand(2, -1)
-        assert torch.equal(order.gather(1, inverse), positions) and torch.equal(inverse.gather(1, order), positions)
+        positions = torch.arange(2 * len(visual)).view(2, -1)  # flat: sequence 1's start after sequence 0's
+        assert torch.equal(order.flatten()[inverse], positions) and torch.equal(inverse.flatten()[order], positions)
         assert torch.equal(order[:, ~visual], positions[:, ~visual])  # text stays where it is
+        assert torch.equal(order[1] - len(visual), order[0])  # each sequence's tokens stay its own
         for g in range(len(grids)):  # the grid's positions, in turn, hold its tokens in the major order
             slots = [i for i, c in enumerate(cells) if c[0] == g]
             scanned = [tuple(cells[j][a] for a in axes) for j in order[0, slots].tolist()]
