@@ -326,9 +326,9 @@ class FlexPrompt:
 
     visual: (B, L) bool, or None for a prompt without visual tokens (no backward scan);
     reads: (d B, L, 1) bool, d = 2 directions with visual tokens, else 1: True where a direction's scan
-      reads the token (its conv input and dt are zeroed elsewhere): the forward direction reads the
-      real tokens (padding's dt = 0 leaves the state unchanged), the backward one the visual tokens,
-      in reverse order (text's dt = 0 passes the state through);
+      reads the token, whose dt is zeroed elsewhere: the forward direction reads the real tokens
+      (padding's dt = 0 leaves the state unchanged), the backward one the visual tokens, in reverse
+      order (text's dt = 0 passes the state through, and its conv inputs are zeroed too);
     exclusive: (d B,) bool, True for the backward direction's sequences (ssd_scan's exclusive mode);
     last: (B, K - 1) the flat positions (into the B * L tokens) of each sequence's last K - 1 real
       tokens, the decoding's conv state (FlexMA.conv_state), and kept (B, K - 1, 1) bool: False for
@@ -438,9 +438,10 @@ class FlexMA(nn.Module):
         batch = xBC.shape[0]
         weight, bias = self._convolutions(prompt.visual is not None)
         K = weight.shape[-1]
-        if prompt.visual is not None:  # the backward direction: the sequence reversed
-            xBC, dt = torch.cat([xBC, xBC.flip(1)]), torch.cat([dt, dt.flip(1)])  # (d B, L, ...)
-        inputs = F.pad(xBC * prompt.reads, (0, 0, K - 1, 0))  # (d B, K - 1 + L, conv_dim): zeros before the first
+        if prompt.visual is not None:  # the backward direction: the sequence reversed, text's conv inputs zeroed
+            xBC = torch.cat([xBC, xBC.flip(1) * prompt.reads[batch:]])  # (d B, L, conv_dim)
+            dt = torch.cat([dt, dt.flip(1)])  # (d B, L, H)
+        inputs = F.pad(xBC, (0, 0, K - 1, 0))  # (d B, K - 1 + L, conv_dim): zeros before the first
         x, B, C = self._features(inputs, weight, bias)  # (d B, L, H, P), (d B, L, H, N) twice
         del inputs  # freed before the scan's temporaries
         out, state = ssd_scan(x, dt * prompt.reads, -self.A_log.exp(), B, C, chunking.chunk_size,

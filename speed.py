@@ -126,8 +126,7 @@ class PiecewiseFlexMA(FlexMA):
         """FlexMA._scan a piece at a time. The backward direction's pieces are the forward pieces'
         mirror images, so that each piece of both directions is one scan, as in the plain pass.
         Each piece reads the K - 1 conv inputs before it in scan order (zeros before the first
-        token) and starts from the state its direction's previous piece ended in. Padding's dt is
-        zeroed as in the plain pass; its conv inputs, which reach no real token, are not."""
+        token) and starts from the state its direction's previous piece ended in."""
         batch, length, _ = xBC.shape
         visual, real = prompt.visual, prompt.reads[:batch]  # (B, L, 1): the forward direction's
         weight, bias = self._convolutions(visual is not None)
