@@ -704,9 +704,11 @@ def layer_operations(mixer: MixerConfig | None, tuning: Tuning, frames: int = 4)
 def test_fused_layers_take_fewer_operations_for_teacher_and_student_alike():
     """CUDA's tuning fuses both models' projections (on a GPU each aten operation is a kernel or more): every
     layer takes fewer operations, as many whatever the prompt's length, and the student's step as many
-    matmuls and attentions as the teacher's. What remains between them is Flex-MA's own: its recurrence
-    (conv, state update, gated norm) in a step, its scan in a prefill; issue 25 asks for at most 1.3 and 3
-    times the teacher's operations, which these written in aten operations do not reach."""
+    matmuls and attentions as the teacher's (issue 25: at most 3 more). What depends on the prompt alone is
+    in its PromptPlan, out of the count. What remains between them is Flex-MA's own: its recurrence (conv,
+    state update, gated norm) in a step, its scan in a prefill. Issue 25 asks for at most 1.3 and 3 times
+    the teacher's operations; written in aten operations the student takes at most 1.6 and 4.25 times, the
+    bounds asserted here (the 3 in prefill would need the scan fused into fewer, larger operations)."""
     cuda, mixer = speed.TUNING["cuda"], MixerConfig(text_window=16)
     assert cuda.fused and cuda.piece_tokens is None
     models = {"teacher": None, "student": mixer}
@@ -720,8 +722,8 @@ def test_fused_layers_take_fewer_operations_for_teacher_and_student_alike():
     assert layer_operations(None, cuda, frames=12) == fused["teacher"]
     teacher, student = fused["teacher"], fused["student"]
     assert student["step"][1] <= teacher["step"][1] + 3, fused
-    assert student["step"][0] <= 1.7 * teacher["step"][0], fused
-    assert student["prefill"][0] <= 6.5 * teacher["prefill"][0], fused
+    assert student["step"][0] <= 1.6 * teacher["step"][0], fused
+    assert student["prefill"][0] <= 4.25 * teacher["prefill"][0], fused
 
 
 # ----------------------------------------------------------------------------------------------
