@@ -50,8 +50,8 @@ def carry_across_chunks(chunk_states: Tensor, chunk_log_decay: Tensor, state: Te
 
     For S independent sequences (batch times heads), states flattened (P N -> PN): chunk_states
     (S, c, PN) each chunk's own final state (own_c); chunk_log_decay (S, c) the log decay a_c across
-    chunk c; state (S, PN) before the first chunk, None for zeros. Returns the state entering each chunk (S, c, PN)
-    and the state after the last one (S, PN).
+    chunk c; state (S, PN) before the first chunk, None for zeros. Returns the state entering each
+    chunk (S, c, PN) and the state after the last one (S, PN).
 
     ssd_minimal writes this recurrence as one matmul with a (c x c) segment-sum of decays, whose
     cost grows with c^2. Here it has two levels, each one segment-sum matmul, so that the cost
