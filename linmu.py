@@ -31,26 +31,27 @@ from torch import Tensor, nn
 # 1. The chunked SSD scan (Mamba2's state space duality, Dao & Gu 2024): the engine of Flex-MA
 
 
-def segment_sum(a: Tensor) -> Tensor:
-    """out[..., i, j] = a[..., j+1] + ... + a[..., i] for i >= j, and -inf for i < j.
+def segment_decay(a: Tensor) -> Tensor:
+    """out[..., i, j] = exp(a[..., j+1] + ... + a[..., i]) for i >= j (1 on the diagonal), 0 for i < j.
 
-    Built as a cumulative sum of a masked copy of a, never as a difference of two long partial
-    sums, so it stays exact for long chunks (ssd_minimal's stable form). a: (..., T) -> (..., T, T).
+    The exponent is a cumulative sum of a masked copy of a, never a difference of two long partial
+    sums, so it stays exact for long spans (ssd_minimal's stable segment sum). The zeros above the
+    diagonal are set after the exp (ours: where ssd_minimal fills -inf before it, one masking fewer;
+    the exponent there is 0, so neither value nor gradient overflows). a: (..., T) -> (..., T, T).
     """
     T = a.size(-1)
-    a = a[..., None].expand(*a.shape, T)  # (..., T, T), a[..., i, j] = a_i
-    above = torch.ones(T, T, dtype=torch.bool, device=a.device).triu()  # j >= i
-    sums = a.masked_fill(above, 0).cumsum(dim=-2)
-    return sums.masked_fill_(above.triu(1), -math.inf)  # in place: cumsum's backward does not need its output
+    sums = a[..., None].expand(*a.shape, T).tril(-1).cumsum(dim=-2)  # [i, j]: a_{j+1} + ... + a_i, 0 for i <= j
+    return sums.exp_().tril()  # exp in place: cumsum's backward does not need its output
 
 
-def carry_across_chunks(chunk_states: Tensor, chunk_log_decay: Tensor, state: Tensor,
+def carry_across_chunks(chunk_states: Tensor, chunk_log_decay: Tensor, state: Tensor | None,
                         chunks_per_block: int) -> tuple[Tensor, Tensor]:
     """SSD's step 3: the state entering each chunk, s_c = exp(a_{c-1}) s_{c-1} + own_{c-1}, s_0 = state.
 
-    chunk_states: (B, H, c, P, N) each chunk's own final state (own_c); chunk_log_decay: (B, H, c)
-    the log decay a_c across chunk c; state: (B, H, P, N) before the first chunk. Returns the state
-    entering each chunk (B, H, c, P, N) and the state after the last one (B, H, P, N).
+    For S independent sequences (batch times heads), states flattened (P N -> PN): chunk_states
+    (S, c, PN) each chunk's own final state (own_c); chunk_log_decay (S, c) the log decay a_c across
+    chunk c; state (S, PN) before the first chunk, None for zeros. Returns the state entering each
+    chunk (S, c, PN) and the state after the last one (S, PN).
 
     ssd_minimal writes this recurrence as one matmul with a (c x c) segment-sum of decays, whose
     cost grows with c^2. Here it has two levels, each one segment-sum matmul, so that the cost
@@ -60,27 +61,27 @@ def carry_across_chunks(chunk_states: Tensor, chunk_log_decay: Tensor, state: Te
         quadratic term with a small constant: with R = 16, P = N = 64 and Q = 128 its FLOPs are
         about 0.3% of steps 1, 2 and 4's at 75k tokens and 4% at a million.
     """
-    batch, heads, chunks, P, N = chunk_states.shape
+    sequences, chunks, PN = chunk_states.shape
     R = chunks_per_block
     blocks = torch.sym_max(2, chunks // R + 1)  # one padded chunk (no input, no decay), two blocks at least: ssd_scan
     pad = blocks * R - chunks
-    own = F.pad(chunk_states.flatten(3), (0, 0, 0, pad)).unflatten(2, (blocks, R))  # (B, H, b, R, PN)
-    log_decay = F.pad(chunk_log_decay, (0, pad)).unflatten(2, (blocks, R))  # (B, H, b, R)
+    own = F.pad(chunk_states, (0, 0, 0, pad)).view(sequences * blocks, R, PN)  # (S b, R, PN)
+    log_decay = F.pad(chunk_log_decay, (0, pad)).view(sequences, blocks, R)  # (S, b, R)
 
     # within a block: decay[r, j] = exp(a_j + ... + a_{r-1}) for j <= r, over the R + 1 boundaries
-    decay = torch.exp(segment_sum(F.pad(log_decay, (1, 0))))  # (B, H, b, R+1, R+1)
+    decay = segment_decay(F.pad(log_decay, (1, 0)).view(sequences * blocks, R + 1))  # (S b, R+1, R+1)
     # row r < R: what enters chunk r from the block's earlier chunks; row R: the block's own final state
-    within = decay[..., 1:] @ own  # (B, H, b, R+1, PN)
+    within = torch.bmm(decay[:, :, 1:], own).view(sequences, blocks, R + 1, PN)
 
     # across blocks, ssd_minimal's form: row k is the state entering block k, row b the final state
-    finals = torch.cat([state.flatten(2)[:, :, None], within[:, :, :, R]], dim=2)  # (B, H, b+1, PN)
-    block_log_decay = F.pad(log_decay.sum(-1), (1, 0))  # (B, H, b+1)
-    entering_blocks = torch.exp(segment_sum(block_log_decay)) @ finals  # (B, H, b+1, PN)
+    finals = (F.pad(within[:, :, R], (0, 0, 1, 0)) if state is None
+              else torch.cat([state[:, None], within[:, :, R]], dim=1))  # (S, b+1, PN)
+    entering_blocks = torch.bmm(segment_decay(F.pad(log_decay.sum(-1), (1, 0))), finals)  # (S, b+1, PN)
 
     # entering chunk r of block k: block k's entering state decayed to chunk r, plus the block's own part
-    entering = torch.addcmul(within[..., :R, :], decay[..., :R, :1], entering_blocks[:, :, :-1, None])
-    entering = entering.flatten(2, 3)[:, :, :chunks].unflatten(-1, (P, N))  # (B, H, c, P, N)
-    return entering, entering_blocks[:, :, -1].unflatten(-1, (P, N))
+    entering = torch.addcmul(within[:, :, :R], decay.view(sequences, blocks, R + 1, R + 1)[:, :, :R, :1],
+                             entering_blocks[:, :-1, None])  # (S, b, R, PN)
+    return entering.flatten(1, 2)[:, :chunks], entering_blocks[:, -1]
 
 
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, chunks_per_block: int,
@@ -100,7 +101,8 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     Four steps per chunk of Q tokens: (1) outputs from inputs inside the chunk, a Q x Q masked
     matmul; (2) each chunk's state from its own inputs; (3) the state carried from chunk to chunk
     (carry_across_chunks); (4) outputs from the carried-in state. The cost is O(L Q (N + P) H):
-    linear in L, in a fixed number of batched operations whatever L is.
+    linear in L, in a fixed number of batched operations whatever L is. Every matmul is one batched
+    matmul over the B H c chunks of all heads (ours: laid out once, so that none copies or reshapes).
     Precision, as in Mamba2's own kernels: the matmuls take their operands in the inputs' dtype (on
     a GPU, bf16: tensor cores, and half the bytes of the Q x Q scores) and accumulate in float32;
     the decays, the carried state and step 3 are float32 throughout.
@@ -108,55 +110,54 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     batch, length, heads, head_dim = x.shape
     if heads % B.shape[2]:
         raise ValueError(f"ssd_scan: {heads} heads is not a multiple of {B.shape[2]} B/C groups")
-    dtype = x.dtype
+    dtype, N = x.dtype, B.shape[-1]
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     # Padded steps have dt = 0: no input and no decay, the state unchanged. There is always at least
     # one, and at least two chunks, so that every length has the same shape arithmetic and no size of
     # 1 (ours: torch.compile would specialise on either, and this way one graph serves every length).
     chunks = torch.sym_max(2, length // chunk_size + 1)
     pad = chunks * chunk_size - length
-
-    def chunked(t: Tensor, dtype: torch.dtype) -> Tensor:  # (B, L, H, ...) -> (B, H, c, Q, ...), zero-padded: one copy
-        out = t.new_zeros(batch, t.shape[2], chunks * chunk_size, *t.shape[3:], dtype=dtype)
-        out[:, :, :length] = t.movedim(1, 2)
-        return out.unflatten(2, (chunks, chunk_size))
+    chunked = lambda t: F.pad(t.movedim(1, 2), (0, 0) * (t.dim() - 3) + (0, pad)).view(  # zero-padded: one copy
+        batch * heads * chunks, chunk_size, *t.shape[3:])  # (B, L, H, ...) -> (B H c, Q, ...)
 
     if heads != B.shape[2]:
         B, C = (t.repeat_interleave(heads // t.shape[2], dim=2) for t in (B, C))
-    x, B, C, dt = chunked(x, dtype), chunked(B, dtype), chunked(C, dtype), chunked(dt, acc)  # (B, H, c, Q, ...)
-    x_dt = (x * dt[..., None]).to(dtype)  # (B, H, c, Q, P)
-    log_decay = dt * A.to(acc)[:, None, None]  # (B, H, c, Q)
-    cum = log_decay.cumsum(dim=-1)
+    dt = dt.to(acc)
+    x_dt, B, C = chunked((x * dt[..., None]).to(dtype)), chunked(B), chunked(C)  # (B H c, Q, P), (B H c, Q, N) twice
+    cum = chunked(dt * A.to(acc)).cumsum(dim=-1)  # (B H c, Q) the log decay from the chunk's start
 
     # 1. Within each chunk: y_i = sum_{j <= i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j (j < i if exclusive).
     # A difference of the chunk's running sums, as in steps 2 and 4 and in Mamba2's kernels: within one
     # chunk it is exact enough, and it costs one Q x Q temporary, which torch.compile fuses away
-    # (segment_sum's cumulative form is for step 3's long spans).
+    # (segment_decay's cumulative form is for step 3's long spans).
     position = torch.arange(chunk_size, device=x.device)
-    behind = position[:, None] - position[None, :]  # (Q, Q): i - j
-    nearest = 0 if exclusive is None else exclusive.long()[:, None, None, None, None]  # the closest j: i or i - 1
-    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill_(behind < nearest, -math.inf)  # (B, H, c, Q, Q)
-    scores = (C @ B.transpose(-1, -2)).mul_(decay.exp_())  # (B, H, c, Q, Q), in place: the largest temporaries
+    behind = position[:, None] - position  # (Q, Q): i - j
+    decay = cum[:, :, None] - cum[:, None, :]  # (B H c, Q, Q)
+    if exclusive is None:
+        decay.masked_fill_(behind < 0, -math.inf)
+    else:  # the closest j: i, or i - 1 where exclusive
+        decay.view(batch, -1, chunk_size, chunk_size).masked_fill_(behind < exclusive.view(-1, 1, 1, 1), -math.inf)
+    scores = torch.bmm(C, B.mT).mul_(decay.exp_())  # (B H c, Q, Q), in place: the largest temporaries
     del decay
-    y = scores @ x_dt  # (B, H, c, Q, P)
+    y = torch.bmm(scores, x_dt)  # (B H c, Q, P)
     del scores
 
     # 2. Each chunk's final state from its own inputs, decayed to the chunk's end
-    to_end = (cum[..., -1:] - cum).exp()  # (B, H, c, Q)
-    chunk_states = (x_dt.transpose(-1, -2) @ (B * to_end[..., None]).to(dtype)).to(acc)  # (B, H, c, P, N)
+    to_end = (cum[:, -1:] - cum).exp()  # (B H c, Q)
+    chunk_states = torch.bmm(x_dt.mT, (B * to_end[..., None]).to(dtype)).to(acc)  # (B H c, P, N)
 
-    # 3. Carry the state across chunks: entering[:, :, c] is the state before chunk c
-    state = (torch.zeros(batch, heads, head_dim, B.shape[-1], dtype=acc, device=x.device)
-             if initial_state is None else initial_state.to(acc))
-    entering, state = carry_across_chunks(chunk_states, cum[..., -1], state, chunks_per_block)
-    # entering: (B, H, c, P, N); state: (B, H, P, N)
+    # 3. Carry the state across chunks: entering[:, c] is the state before chunk c
+    state = None if initial_state is None else initial_state.to(acc).view(batch * heads, head_dim * N)
+    entering, state = carry_across_chunks(chunk_states.view(batch * heads, chunks, head_dim * N),
+                                          cum[:, -1].view(batch * heads, chunks), state, chunks_per_block)
+    # entering: (B H, c, PN); state: (B H, PN)
 
     # 4. Outputs from the carried-in state, decayed to each position
-    y = y.add_((C * cum.exp()[..., None].to(dtype)) @ entering.transpose(-1, -2).to(dtype))  # (B, H, c, Q, P)
+    y = torch.baddbmm(y, C * cum.exp()[..., None].to(dtype), entering.reshape(-1, head_dim, N).mT.to(dtype))
     # Contiguous (ours): from this transposed view, torch.compile's training graphs fix the strides of what
     # follows to the first length they see, and assert them at the next (inductor, torch 2.14).
-    y = y.reshape(batch, heads, chunks * chunk_size, head_dim)[:, :, :length].transpose(1, 2).contiguous()
-    return y, state  # (B, L, H, P), (B, H, P, N)
+    y = y.view(batch, heads, chunks * chunk_size, head_dim)[:, :, :length].transpose(1, 2).contiguous()
+    return y, state.view(batch, heads, head_dim, N)  # (B, L, H, P), (B, H, P, N)
 
 
 @dataclass(frozen=True)
@@ -292,8 +293,9 @@ def major_order(layout: TokenLayout, axes: tuple[int, int, int]) -> tuple[Tensor
     orders are row- and column-major. Tokens adjacent along any axis become neighbours of the
     scan in some layer. A frame's text marker may so follow tokens of later frames in a
     time-major layer: the prompt is read at once, and generated text, after every grid, stays causal.
-    Returns (order, inverse), (B, L) each: x.gather(1, order) is the scanned sequence, and
-    y.gather(1, inverse) puts the scan's outputs back in the prompt's order.
+    Returns (order, inverse), (B, L) each, flat positions into the B * L tokens (as Windows' are):
+    x.flatten(0, 1)[order] is the scanned sequence, and y.flatten(0, 1)[inverse] puts the scan's
+    outputs back in the prompt's order (one indexing each, whatever x's trailing dimensions).
     """
     batch, length = layout.visual.shape
     device = layout.visual.device
@@ -307,7 +309,7 @@ def major_order(layout: TokenLayout, axes: tuple[int, int, int]) -> tuple[Tensor
     order[flat] = flat[torch.argsort(key)]  # the j-th visual position takes the j-th token in the major order
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(batch * length, device=device)
-    return order.view(batch, length) % length, inverse.view(batch, length) % length
+    return order.view(batch, length), inverse.view(batch, length)
 
 
 @dataclass
@@ -317,6 +319,39 @@ class FlexMACache:
 
     conv: Tensor
     ssm: Tensor
+
+
+@dataclass
+class FlexPrompt:
+    """What Flex-MA reads of a prompt besides its tokens: the same for every layer, so PromptPlan builds it
+    once per prompt (FlexPrompt.build) instead of every layer recomputing it.
+
+    visual: (B, L) bool, or None for a prompt without visual tokens (no backward scan);
+    reads: (d B, L, 1) bool, d = 2 directions with visual tokens, else 1: True where a direction's scan
+      reads the token, whose dt is zeroed elsewhere: the forward direction reads the real tokens
+      (padding's dt = 0 leaves the state unchanged), the backward one the visual tokens, in reverse
+      order (text's dt = 0 passes the state through, and its conv inputs are zeroed too);
+    exclusive: (d B,) bool, True for the backward direction's sequences (ssd_scan's exclusive mode);
+    last: (B, K - 1) the flat positions (into the B * L tokens) of each sequence's last K - 1 real
+      tokens, the decoding's conv state (FlexMA.conv_state), and kept (B, K - 1, 1) bool: False for
+      those before the first token (a prompt shorter than K - 1), which the state holds as zeros."""
+
+    visual: Tensor | None
+    reads: Tensor
+    exclusive: Tensor
+    last: Tensor
+    kept: Tensor
+
+    @classmethod
+    def build(cls, visual: Tensor | None, lengths: Tensor, length: int, conv_kernel: int) -> FlexPrompt:
+        """visual: (B, L) bool or None; lengths: (B,) each sequence's real tokens, right padding after
+        them (TokenLayout); length: L; conv_kernel: K."""
+        batch, device = len(lengths), lengths.device
+        real = torch.arange(length, device=device) < lengths[:, None]  # (B, L)
+        reads = real if visual is None else torch.cat([real, visual.flip(1)])  # (d B, L)
+        last = lengths[:, None] - (conv_kernel - 1) + torch.arange(conv_kernel - 1, device=device)  # (B, K-1)
+        return cls(visual, reads[..., None], torch.arange(len(reads), device=device) >= batch,
+                   torch.arange(batch, device=device)[:, None] * length + last.clamp(min=0), last[..., None] >= 0)
 
 
 class FlexMA(nn.Module):
@@ -369,9 +404,15 @@ class FlexMA(nn.Module):
         input projection")."""
         return tuple(F.linear(u, w) for w in self.in_proj.weight.split([self.d_inner, self.conv_dim, self.heads]))
 
+    def _convolutions(self, backward: bool) -> tuple[Tensor, Tensor]:
+        """The directions' convolutions stacked, forward first (_features): weight (d, conv_dim, 1, K), bias
+        (d, conv_dim)."""
+        convs = [self.conv_forward, self.conv_backward] if backward else [self.conv_forward]
+        return torch.stack([conv.weight for conv in convs]), torch.stack([conv.bias for conv in convs])
+
     def _features(self, xBC: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Causal depthwise conv + SiLU, then split, for d directions stacked along the batch:
-        xBC (d B, K - 1 + n, conv_dim), the n inputs after the K - 1 before them; weight (d, conv_dim, K)
+        xBC (d B, K - 1 + n, conv_dim), the n inputs after the K - 1 before them; weight (d, conv_dim, 1, K)
         and bias (d, conv_dim), each direction's convolution -> x (d B, n, H, P), B and C (d B, n, H, N).
 
         The convolution is written as K shifted multiply-adds along the sequence: for depthwise
@@ -379,42 +420,37 @@ class FlexMA(nn.Module):
         directions, K = weight.shape[0], weight.shape[-1]
         n = xBC.shape[1] - (K - 1)
         seq = xBC.unflatten(0, (directions, -1))  # (d, B, K - 1 + n, conv_dim)
-        weight, bias = weight[:, None, None], bias[:, None, None]  # (d, 1, 1, conv_dim, K), (d, 1, 1, conv_dim)
-        out = torch.addcmul(bias, seq[:, :, :n], weight[..., 0])
+        taps = weight.view(directions, 1, 1, -1, K).unbind(-1)  # K of (d, 1, 1, conv_dim)
+        out = torch.addcmul(bias.view(directions, 1, 1, -1), seq[:, :, :n], taps[0])
         for k in range(1, K):
-            out.addcmul_(seq[:, :, k:k + n], weight[..., k])  # in place: addcmul's backward does not read out
-        x, B, C = F.silu(out.flatten(0, 1)).split([self.d_inner, self.d_inner, self.d_inner], dim=-1)
-        return (x.unflatten(-1, (self.heads, self.head_dim)), B.unflatten(-1, (self.heads, self.d_state)),
-                C.unflatten(-1, (self.heads, self.d_state)))
+            out.addcmul_(seq[:, :, k:k + n], taps[k])  # in place: addcmul's backward does not read out
+        # x, B, C: (d B, n, H, P) each, N = P
+        return F.silu(out).view(directions * out.shape[1], n, 3, self.heads, self.head_dim).unbind(2)
 
-    def _scan(self, xBC: Tensor, dt: Tensor, visual: Tensor | None, chunking: Chunking) -> tuple[Tensor, Tensor]:
+    def _scan(self, xBC: Tensor, dt: Tensor, prompt: FlexPrompt, chunking: Chunking) -> tuple[Tensor, Tensor]:
         """Both directions of Flex-MA over the whole prompt, as one batch of scans.
 
         The forward direction is conv_forward and the scan over s <= t, plus D x_t. The backward
         direction is the same computation on the reversed sequence, with the text tokens' conv
         inputs and dt zeroed, conv_backward and the exclusive scan (s > t): a second batch of
         sequences behind the forward one, so both directions are one scan.
-        xBC: (B, L, conv_dim), dt: (B, L, H); visual: (B, L) bool, or None for no backward
-        direction -> y (B, L, H, P), and the forward direction's final state (B, H, P, N).
+        xBC: (B, L, conv_dim), dt: (B, L, H) -> y (B, L, H, P), and the forward direction's final
+        state (B, H, P, N); what each direction reads: prompt (FlexPrompt).
         """
         batch = xBC.shape[0]
-        convs = [self.conv_forward] if visual is None else [self.conv_forward, self.conv_backward]
-        weight = torch.stack([conv.weight[:, 0] for conv in convs])  # (d, conv_dim, K)
-        bias = torch.stack([conv.bias for conv in convs])  # (d, conv_dim)
+        weight, bias = self._convolutions(prompt.visual is not None)
         K = weight.shape[-1]
-        inputs, steps = [xBC], [dt]
-        if visual is not None:  # reversed; text tokens: no input, no decay
-            inputs.append((xBC * visual[..., None]).flip(1))
-            steps.append((dt * visual[..., None]).flip(1))
-        inputs = F.pad(torch.cat(inputs), (0, 0, K - 1, 0))  # (d B, K - 1 + L, conv_dim): zeros before the first
+        if prompt.visual is not None:  # the backward direction: the sequence reversed, text's conv inputs zeroed
+            xBC = torch.cat([xBC, xBC.flip(1) * prompt.reads[batch:]])  # (d B, L, conv_dim)
+            dt = torch.cat([dt, dt.flip(1)])  # (d B, L, H)
+        inputs = F.pad(xBC, (0, 0, K - 1, 0))  # (d B, K - 1 + L, conv_dim): zeros before the first
         x, B, C = self._features(inputs, weight, bias)  # (d B, L, H, P), (d B, L, H, N) twice
         del inputs  # freed before the scan's temporaries
-        exclusive = torch.arange(len(convs) * batch, device=xBC.device) >= batch  # the backward direction's
-        out, state = ssd_scan(x, torch.cat(steps), -self.A_log.exp(), B, C, chunking.chunk_size,
-                              chunking.chunks_per_block, exclusive=exclusive)  # (d B, L, H, P)
+        out, state = ssd_scan(x, dt * prompt.reads, -self.A_log.exp(), B, C, chunking.chunk_size,
+                              chunking.chunks_per_block, exclusive=prompt.exclusive)  # (d B, L, H, P)
         y = torch.addcmul(out[:batch], self.D[:, None], x[:batch])  # + D x_t
-        if visual is not None:  # back in the original order, to visual tokens only
-            y.addcmul_(out[batch:].flip(1), visual[..., None, None])
+        if prompt.visual is not None:  # back in the original order, to visual tokens only
+            y.addcmul_(out[batch:].flip(1), prompt.visual[..., None, None])
         return y, state[:batch]
 
     def _output(self, y: Tensor, z: Tensor) -> Tensor:
@@ -422,38 +458,30 @@ class FlexMA(nn.Module):
         gate = F.silu(z + self.z_bias).unflatten(-1, (self.heads, self.head_dim))
         return self.out_proj(self.norm(y * gate).flatten(2))
 
-    def forward(self, u: Tensor, visual: Tensor | None, scan: tuple[Tensor, Tensor] | None = None,
-                chunking: Chunking = Chunking(), lengths: Tensor | None = None) -> tuple[Tensor, FlexMACache]:
-        """Full-sequence pass. u: (B, L, D); visual: (B, L) bool, or None for a prompt without visual
-        tokens (no backward scan); scan: this layer's (order, inverse) of Rotary Major-Scan, or None
-        to scan the prompt's own order; chunking: the scan's; lengths: (B,) each sequence's real
-        tokens, right padding after them (TokenLayout), None for none. Returns (B, L, D) and the
-        decoding cache, each sequence's state after its last real token.
+    def forward(self, u: Tensor, prompt: FlexPrompt, scan: tuple[Tensor, Tensor] | None = None,
+                chunking: Chunking = Chunking()) -> tuple[Tensor, FlexMACache]:
+        """Full-sequence pass. u: (B, L, D); prompt: its visual tokens, padding and ends (FlexPrompt);
+        scan: this layer's (order, inverse) of Rotary Major-Scan, or None to scan the prompt's own
+        order; chunking: the scan's. Returns (B, L, D) and the decoding cache, each sequence's state
+        after its last real token.
 
         Padding gets dt = 0, which leaves the state unchanged (as for text in the backward scan), so
         the forward scan's final state is the one after the last real token; the conv state is
         each sequence's last K - 1 real inputs. Padding is text, which a Rotary Major-Scan leaves in
-        place: in scan order too, a sequence's real tokens come first."""
-        batch, length, _ = u.shape
-        lengths = torch.full((batch,), length, device=u.device) if lengths is None else lengths
-        if scan is not None:  # visual positions stay visual: the mask holds for the permuted sequence
-            u = u.gather(1, scan[0][..., None].expand_as(u))
+        place: in scan order too, a sequence's real tokens come first, and visual positions stay visual."""
+        if scan is not None:
+            u = u.flatten(0, 1)[scan[0]]
         z, xBC, dt = self._split(u)
-        real = torch.arange(length, device=u.device) < lengths[:, None]  # (B, L)
-        dt = F.softplus(dt + self.dt_bias) * real[..., None]  # (B, L, H)
-        y, ssm = self._scan(xBC, dt, visual, chunking)  # (B, L, H, P)
+        y, ssm = self._scan(xBC, F.softplus(dt + self.dt_bias), prompt, chunking)  # (B, L, H, P)
         out = self._output(y, z)
         if scan is not None:
-            out = out.gather(1, scan[1][..., None].expand_as(out))  # back in the prompt's order
-        return out, FlexMACache(self.conv_state(xBC, lengths), ssm)
+            out = out.flatten(0, 1)[scan[1]]  # back in the prompt's order
+        return out, FlexMACache(self.conv_state(xBC, prompt), ssm)
 
-    def conv_state(self, xBC: Tensor, lengths: Tensor) -> Tensor:
+    def conv_state(self, xBC: Tensor, prompt: FlexPrompt) -> Tensor:
         """The decoding cache's conv inputs: each sequence's last K-1 real inputs of xBC (B, L, conv_dim),
-        lengths (B,) real tokens, zeros before the first token -> (B, conv_dim, K-1)."""
-        K = self.conv_forward.kernel_size[0]
-        last = lengths[:, None] - (K - 1) + torch.arange(K - 1, device=xBC.device)  # (B, K-1) the last real positions
-        state = xBC.gather(1, last.clamp(min=0)[..., None].expand(-1, -1, xBC.shape[-1]))  # (B, K-1, C)
-        return torch.where(last[..., None] >= 0, state, 0).transpose(1, 2)  # (B, C, K-1): 0 before the first
+        zeros before the first token (FlexPrompt.last) -> (B, conv_dim, K-1)."""
+        return (xBC.flatten(0, 1)[prompt.last] * prompt.kept).transpose(1, 2)
 
     def step(self, u: Tensor, cache: FlexMACache) -> Tensor:
         """One new text token, O(1) in the context length: u (B, 1, D) -> (B, 1, D); the cache is updated in place."""
@@ -533,9 +561,11 @@ class Windows:
     """Groups of tokens that attend among themselves: window w's queries attend to its keys where mask allows.
 
     Positions are flat indices into the (B * L) tokens of a batch. queries: (W, Sq); keys: (W, Sk);
-    mask: (W, Sq or 1, Sk), True where a query may attend to a key (every query row allows at least
-    one key); writes: (W, Sq), True for the queries whose output this window gives (each token is
-    written by exactly one window; other entries are padding or belong to another window)."""
+    mask: (W, 1, Sq or 1, Sk), SDPA's additive mask in the queries' dtype: 0 where a query may attend
+    to a key, -inf where not (every query row allows at least one key; additive rather than boolean,
+    which SDPA would turn into this in every layer); writes: (W, Sq), True for the queries whose
+    output this window gives (each token is written by exactly one window; other entries are padding
+    or belong to another window)."""
 
     queries: Tensor
     keys: Tensor
@@ -543,14 +573,20 @@ class Windows:
     writes: Tensor
 
 
-def swin_windows(layout: TokenLayout, window: tuple[int, int, int], shifted: bool) -> Windows:
+def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean mask (W, Sq or 1, Sk), True where a query may attend, as Windows.mask: (W, 1, Sq or 1, Sk)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, -math.inf)[:, None]
+
+
+def swin_windows(layout: TokenLayout, window: tuple[int, int, int], shifted: bool, dtype: torch.dtype) -> Windows:
     """The visual tokens of a layout grouped into Swin windows over their (frames, rows, cols) grids.
 
     Along each axis of length n the window is w = min(window, n) (clipped to small grids). Shifted
     windows start half a window in, as Swin's cyclic roll by w // 2 plus its region mask does:
     cells [0, w//2) form their own (partial) window, then [w//2, w//2 + w), ...; an axis no longer
     than its window is not shifted. Tokens of different grids never share a window. Queries and
-    keys are the window's tokens (S of them, padded with a dummy 0 where a window has fewer).
+    keys are the window's tokens (S of them, padded with a dummy 0 where a window has fewer); dtype:
+    the queries' (Windows.mask).
     """
     batch, length = layout.visual.shape
     device = layout.visual.device
@@ -573,18 +609,19 @@ def swin_windows(layout: TokenLayout, window: tuple[int, int, int], shifted: boo
     valid = torch.zeros_like(index, dtype=torch.bool)
     index[window_id[order], rank] = flat[order]
     valid[window_id[order], rank] = True
-    return Windows(index, index, valid[:, None, :], valid)
+    return Windows(index, index, additive_mask(valid[:, None, :], dtype), valid)
 
 
 TEXT_BLOCK = 16  # text queries are windowed in blocks of this many consecutive positions
 
 
-def text_windows(layout: TokenLayout, text_window: int) -> Windows:
+def text_windows(layout: TokenLayout, text_window: int, dtype: torch.dtype) -> Windows:
     """Causal sliding windows for the text tokens: each attends to the text_window positions ending at itself.
 
     Consecutive positions form blocks of b = min(TEXT_BLOCK, text_window) queries, whose keys are
     the b + text_window - 1 positions ending at the block's last; a block becomes a window only if
     it holds a text query, so the cost is O(text tokens * text_window), and nothing for visual rows.
+    dtype: the queries' (Windows.mask).
     """
     batch, length = layout.visual.shape
     device = layout.visual.device
@@ -600,18 +637,21 @@ def text_windows(layout: TokenLayout, text_window: int) -> Windows:
     sample, kept = text.any(-1).nonzero(as_tuple=True)  # the blocks with a text query
     offset = sample[:, None] * length
     return Windows(offset + query_pos[kept].clamp(max=length - 1), offset + key_pos[kept].clamp(0, length - 1),
-                   mask[kept], text[sample, kept])
+                   additive_mask(mask[kept], dtype), text[sample, kept])
 
 
 @dataclass
 class LocalWindows:
     """All of Local-Swin's windows over one prompt: the text windows and the Swin windows (None
-    when the prompt has no text, or no visual token) and, for each of the B * L tokens, the row of
-    the windows' concatenated outputs (text windows' query slots, then Swin windows') that holds its output."""
+    when the prompt has no text, or no visual token); source (B, L): for each token, the row of the
+    windows' concatenated outputs (text windows' query slots, then Swin windows') that holds its
+    output; and ring (B, text_window), the flat position of the token each slot of the text
+    window's decoding ring holds after the prompt (LocalSwin.attend_windows)."""
 
     text: Windows | None
     swin: Windows | None
     source: Tensor
+    ring: Tensor
 
     @property
     def present(self) -> list[Windows]:
@@ -619,14 +659,22 @@ class LocalWindows:
         return [w for w in (self.text, self.swin) if w is not None]
 
     @classmethod
-    def build(cls, layout: TokenLayout, text: Windows | None, swin: Windows | None) -> LocalWindows:
-        source = torch.empty(layout.visual.numel(), dtype=torch.long, device=layout.visual.device)  # (B * L,)
+    def build(cls, layout: TokenLayout, text: Windows | None, swin: Windows | None, text_window: int) -> LocalWindows:
+        batch, length = layout.visual.shape
+        device = layout.visual.device
+        source = torch.empty(batch * length, dtype=torch.long, device=device)  # (B * L,)
         start = 0
-        for windows in cls(text, swin, source).present:
+        for windows in [w for w in (text, swin) if w is not None]:
             slots = windows.writes.flatten().nonzero().squeeze(1)  # the query slots that give a token's output
             source[windows.queries.flatten()[slots]] = start + slots
             start += windows.writes.numel()
-        return cls(text, swin, source)
+        # the ring: position p in slot p mod W. Of a sequence of n real tokens, slot s holds the p = s mod W
+        # in [n - W, n): the last W - 1 real tokens, and in slot n mod W the one the next token overwrites
+        # (slots of positions before the prompt, p < 0, get any finite values: masked until overwritten)
+        n = layout.lengths[:, None]
+        held = n - text_window + (torch.arange(text_window, device=device) - n) % text_window  # (B, W)
+        ring = torch.arange(batch, device=device)[:, None] * length + held.clamp(min=0)
+        return cls(text, swin, source.view(batch, length), ring)
 
 
 def window_attention(q: Tensor, k: Tensor, v: Tensor, windows: Windows) -> Tensor:
@@ -634,7 +682,7 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, windows: Windows) -> Tenso
     tokens, H a multiple of Hkv -> the outputs of every query slot (W, Sq, H, Dh)."""
     gather = lambda t, index: t[index].transpose(1, 2)  # (N, h, Dh) -> (W, h, S, Dh)
     attended = F.scaled_dot_product_attention(gather(q, windows.queries), gather(k, windows.keys),
-                                              gather(v, windows.keys), attn_mask=windows.mask[:, None],
+                                              gather(v, windows.keys), attn_mask=windows.mask,
                                               enable_gqa=True)  # (W, H, Sq, Dh)
     return attended.transpose(1, 2)
 
@@ -655,31 +703,20 @@ class LocalSwin(AttentionProjections):
         super().__init__(d_model, heads, kv_heads, head_dim)
         self.text_window = cfg.text_window
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], windows: LocalWindows,
-                lengths: Tensor | None = None) -> tuple[Tensor, KVCache]:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], windows: LocalWindows) -> tuple[Tensor, KVCache]:
         """Full-sequence pass: x (B, L, D) -> (B, L, D) and the text window's ring for decoding, which
-        holds each sequence's last W - 1 real tokens (lengths (B,), right padding after them, as in
-        TokenLayout; None for none)."""
-        out, ring = self.attend_windows(*self.qkv(x, *rope), windows, lengths)
+        holds each sequence's last W - 1 real tokens (LocalWindows.ring)."""
+        out, ring = self.attend_windows(*self.qkv(x, *rope), windows)
         return self.o_proj(out), ring
 
-    def attend_windows(self, q: Tensor, k: Tensor, v: Tensor, windows: LocalWindows,
-                       lengths: Tensor | None) -> tuple[Tensor, KVCache]:
+    def attend_windows(self, q: Tensor, k: Tensor, v: Tensor, windows: LocalWindows) -> tuple[Tensor, KVCache]:
         """The prompt's windows: q (B, L, H, Dh), k and v (B, L, Hkv, Dh) -> the attention's output
         (B, L, H Dh), before o_proj, and the ring of the text window (speed.FusedMMATE projects its own q, k, v)."""
-        batch, length = q.shape[:2]
         q, k, v = (t.flatten(0, 1) for t in (q, k, v))  # (B * L, h, Dh)
         slots = torch.cat([self.attend(q, k, v, w).flatten(0, 1) for w in windows.present])  # every query slot
-        out = slots[windows.source]  # (B * L, H, Dh): each token's output, from the window that gives it
-        # the ring: position p in slot p mod W. Of a sequence of n real tokens, slot s holds the p = s mod W
-        # in [n - W, n): the last W - 1 real tokens, and in slot n mod W the one the next token overwrites
-        # (slots of positions before the prompt, p < 0, get any finite values: masked until overwritten)
-        W = self.text_window
-        n = torch.full((batch, 1), length, device=q.device) if lengths is None else lengths[:, None]
-        held = n - W + (torch.arange(W, device=q.device) - n) % W  # (B, W) the position in each slot
-        index = held.clamp(min=0)[:, None, :, None].expand(-1, self.num_kv_heads, -1, self.head_dim)  # (B, Hkv, W, Dh)
-        ring = [t.unflatten(0, (batch, length)).transpose(1, 2).gather(2, index) for t in (k, v)]  # (B, Hkv, W, Dh)
-        return out.unflatten(0, (batch, length)).flatten(2), KVCache(*ring)
+        out = slots[windows.source]  # (B, L, H, Dh): each token's output, from the window that gives it
+        ring = [t[windows.ring].transpose(1, 2) for t in (k, v)]  # (B, Hkv, W, Dh)
+        return out.flatten(2), KVCache(*ring)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, windows: Windows) -> Tensor:
         """One kind of window over the prompt's flat tokens -> (W, Sq, H, Dh) (window_attention)."""
@@ -710,16 +747,14 @@ class PromptPlan:
     shifted Swin windows or not, and the Rotary Major-Scan order, data and not code; so that one
     compiled graph serves every layer (speed.compile_model).
 
-    rope: (cos, sin), each (B, L, Dh); visual: (B, L) bool, or None when the prompt has no visual
-    token; lengths: (B,) each sequence's real tokens, right padding after them (TokenLayout);
-    windows: this layer's Local-Swin windows, None for the teacher; scan: this layer's
+    rope: (cos, sin), each (B, L, Dh); flex: what Flex-MA reads of the prompt (FlexPrompt), None
+    for the teacher; windows: this layer's Local-Swin windows, None for the teacher; scan: this layer's
     Rotary Major-Scan (order, inverse), None to scan the prompt's own order (the teacher, without
     rotary_scan or visual tokens, and the first of MAJOR_ORDERS); new_tokens: how many tokens the
     decoding caches leave room for after the prompt; chunking: Flex-MA's scan's."""
 
     rope: tuple[Tensor, Tensor]
-    visual: Tensor | None
-    lengths: Tensor
+    flex: FlexPrompt | None
     windows: LocalWindows | None
     scan: tuple[Tensor, Tensor] | None = None
     new_tokens: int = 0
@@ -731,20 +766,22 @@ class PromptPlan:
         """The plans of a prompt for `layers` decoder layers of the teacher (mixer None) or of a
         student with these M-MATE settings. Here, once per prompt, the host may wait on the device
         (nonzero, unique, counts); each kind of window and each scan order is built once and shared."""
-        has_visual, has_text = bool(layout.visual.any()), not bool(layout.visual.all())
-        visual = layout.visual if has_visual else None
         if mixer is None:
-            return [cls(rope, visual, layout.lengths, None, None, new_tokens, chunking)] * layers
+            return [cls(rope, None, None, None, new_tokens, chunking)] * layers
+        has_visual, has_text = bool(layout.visual.any()), not bool(layout.visual.all())
+        flex = FlexPrompt.build(layout.visual if has_visual else None, layout.lengths, layout.visual.shape[1],
+                                mixer.conv_kernel)
         patterns = [layer_pattern(index) for index in range(layers)]
         scans = {order: major_order(layout, MAJOR_ORDERS[order]) if order and mixer.rotary_scan and has_visual else None
                  for order in {pattern["scan_order"] for pattern in patterns}}  # order 0 is the prompt's own
-        text = text_windows(layout, mixer.text_window) if has_text else None
+        dtype = rope[0].dtype  # the queries' (TextModel.plan): the windows' additive masks are in it
+        text = text_windows(layout, mixer.text_window, dtype) if has_text else None
         shape = (mixer.window_frames, mixer.window_rows, mixer.window_cols)
-        windows = {shifted: LocalWindows.build(layout, text,
-                                               swin_windows(layout, shape, shifted) if has_visual else None)
+        windows = {shifted: LocalWindows.build(layout, text, swin_windows(layout, shape, shifted, dtype)
+                                               if has_visual else None, mixer.text_window)
                    for shifted in {pattern["shifted"] for pattern in patterns}}
-        return [cls(rope, visual, layout.lengths, windows[pattern["shifted"]], scans[pattern["scan_order"]], new_tokens,
-                    chunking) for pattern in patterns]
+        return [cls(rope, flex, windows[pattern["shifted"]], scans[pattern["scan_order"]], new_tokens, chunking)
+                for pattern in patterns]
 
 
 def layer_pattern(index: int) -> dict:
@@ -819,9 +856,9 @@ class MMATE(nn.Module):
 
     def forward(self, x: Tensor, plan: PromptPlan) -> tuple[Tensor, MMATECache]:
         """The mixer contract of the decoder, for the whole prompt: x (B, L, D) -> (B, L, D) and the decoding cache."""
-        flex, flex_cache = (self.flex(x, plan.visual, plan.scan, plan.chunking, plan.lengths) if self.branches != "swin"
+        flex, flex_cache = (self.flex(x, plan.flex, plan.scan, plan.chunking) if self.branches != "swin"
                             else (None, None))
-        swin, swin_cache = (self.swin(x, plan.rope, plan.windows, plan.lengths) if self.branches != "flex"
+        swin, swin_cache = (self.swin(x, plan.rope, plan.windows) if self.branches != "flex"
                             else (None, None))
         return self._mix(x, flex, swin), MMATECache(flex_cache, swin_cache)
 

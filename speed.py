@@ -23,8 +23,8 @@ import torch.fx.experimental._config
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from linmu import (MMATE, Chunking, FlexMA, FlexMACache, LocalSwin, MMATECache, PromptPlan, Windows, apply_rotary,
-                   ssd_scan, window_attention)
+from linmu import (MMATE, Chunking, FlexMA, FlexMACache, FlexPrompt, LocalSwin, MMATECache, PromptPlan, Windows,
+                   apply_rotary, ssd_scan, window_attention)
 from smolvlm import MLP, VLM, Attention, DecoderLayer, TextModel
 
 # ----------------------------------------------------------------------------------------------
@@ -122,22 +122,20 @@ class PiecewiseFlexMA(FlexMA):
 
     piece_tokens: int
 
-    def _scan(self, xBC: Tensor, dt: Tensor, visual: Tensor | None, chunking: Chunking) -> tuple[Tensor, Tensor]:
+    def _scan(self, xBC: Tensor, dt: Tensor, prompt: FlexPrompt, chunking: Chunking) -> tuple[Tensor, Tensor]:
         """FlexMA._scan a piece at a time. The backward direction's pieces are the forward pieces'
         mirror images, so that each piece of both directions is one scan, as in the plain pass.
         Each piece reads the K - 1 conv inputs before it in scan order (zeros before the first
         token) and starts from the state its direction's previous piece ended in."""
         batch, length, _ = xBC.shape
-        convs = [self.conv_forward] if visual is None else [self.conv_forward, self.conv_backward]
-        weight = torch.stack([conv.weight[:, 0] for conv in convs])  # (d, conv_dim, K)
-        bias = torch.stack([conv.bias for conv in convs])  # (d, conv_dim)
+        visual, real = prompt.visual, prompt.reads[:batch]  # (B, L, 1): the forward direction's
+        weight, bias = self._convolutions(visual is not None)
         K = weight.shape[-1]
-        exclusive = torch.arange(len(convs) * batch, device=xBC.device) >= batch  # the backward direction's
         A = -self.A_log.exp()
         y, state = xBC.new_zeros(batch, length, self.heads, self.head_dim), None  # both directions add into y
         for piece in pieces(length, self.piece_tokens):
             n = piece.stop - piece.start
-            inputs, d = [xBC[:, max(0, piece.start - (K - 1)):piece.stop]], [dt[:, piece]]  # the piece, K - 1 before
+            inputs, d = [xBC[:, max(0, piece.start - (K - 1)):piece.stop]], [dt[:, piece] * real[:, piece]]
             if visual is not None:  # the mirror piece and the K - 1 after it, reversed; text: no input, no decay
                 mirror = slice(length - piece.stop, length - piece.start)
                 after = slice(mirror.start, mirror.stop + K - 1)  # clipped at the sequence's end
@@ -147,7 +145,7 @@ class PiecewiseFlexMA(FlexMA):
             x, B, C = self._features(inputs, weight, bias)
             del inputs  # freed before the scan's temporaries
             out, state = ssd_scan(x, torch.cat(d), A, B, C, chunking.chunk_size, chunking.chunks_per_block,
-                                  state, exclusive)  # (d B, n, H, P)
+                                  state, prompt.exclusive)  # (d B, n, H, P)
             y[:, piece].add_(out[:batch]).addcmul_(self.D[:, None], x[:batch])
             if visual is not None:  # back in the original order, to visual tokens only
                 y[:, mirror].addcmul_(out[batch:].flip(1), visual[:, mirror, None, None])
@@ -256,7 +254,7 @@ class FusedMMATE(MMATE):
     step's recurrence is written here with few operations (FlexMA.step is its reference).
     """
 
-    fused_buffers = ("w_in", "b_in", "w_out", "A")
+    fused_buffers = ("w_in", "b_in", "w_out", "A", "D")
 
     def fuse(self) -> None:
         flex, swin = self.flex, self.swin
@@ -266,6 +264,7 @@ class FusedMMATE(MMATE):
                              flex.z_bias.new_zeros(sum(w.shape[0] for w in qkv)), self.gate.bias])
         share(self, "w_out", [flex.out_proj.weight, swin.o_proj.weight], dim=1)
         self.register_buffer("A", -flex.A_log.detach().exp()[:, None, None], persistent=False)  # (H, 1, 1)
+        self.register_buffer("D", flex.D.detach()[:, None, None], persistent=False)  # (H, 1, 1), a view of flex.D
 
     def _project(self, x: Tensor) -> tuple[Tensor, ...]:
         """x (B, n, D) -> z, xBC, dt (softplus'ed), qkv and the gate g, each (B, n, ...)."""
@@ -285,15 +284,14 @@ class FusedMMATE(MMATE):
     def forward(self, x: Tensor, plan: PromptPlan) -> tuple[Tensor, MMATECache]:
         flex, swin = self.flex, self.swin
         z, xBC, dt, qkv, g = self._project(x)
-        dt = dt * (torch.arange(x.shape[1], device=x.device) < plan.lengths[:, None])[..., None]  # padding: dt = 0
         if plan.scan is not None:  # Flex-MA reads the prompt in this layer's Rotary Major-Scan order
-            xBC, dt = (t.gather(1, plan.scan[0][..., None].expand_as(t)) for t in (xBC, dt))
-        y, ssm = flex._scan(xBC, dt, plan.visual, plan.chunking)  # (B, L, H, P)
+            xBC, dt = (t.flatten(0, 1)[plan.scan[0]] for t in (xBC, dt))
+        y, ssm = flex._scan(xBC, dt, plan.flex, plan.chunking)  # (B, L, H, P)
         if plan.scan is not None:
-            y = y.gather(1, plan.scan[1][..., None, None].expand_as(y))  # back in the prompt's order
+            y = y.flatten(0, 1)[plan.scan[1]]  # back in the prompt's order
         attention, ring = swin.attend_windows(*rotate_qkv(qkv, swin.num_heads, swin.num_kv_heads, swin.head_dim,
-                                                          *plan.rope), plan.windows, plan.lengths)
-        return self._mix(z, y, attention, g), MMATECache(FlexMACache(flex.conv_state(xBC, plan.lengths), ssm), ring)
+                                                          *plan.rope), plan.windows)
+        return self._mix(z, y, attention, g), MMATECache(FlexMACache(flex.conv_state(xBC, plan.flex), ssm), ring)
 
     def step(self, x: Tensor, rope: tuple[Tensor, Tensor], position: Tensor, cache: MMATECache) -> Tensor:
         flex, swin, state = self.flex, self.swin, cache.flex
@@ -305,7 +303,7 @@ class FusedMMATE(MMATE):
         row, B, C = features.unbind(1)  # (B, H, 1, P), (B, H, 1, N) twice
         x_, dt = row.mT, dt.to(acc).view(-1, flex.heads, 1, 1)  # (B, H, P, 1), (B, H, 1, 1)
         state.ssm.mul_(torch.exp(dt * self.A)).addcmul_(x_ * dt, B)  # (B, H, P, N)
-        y = torch.addcmul((state.ssm * C).sum(-1, keepdim=True), flex.D.view(-1, 1, 1), x_)  # (B, H, P, 1)
+        y = torch.addcmul((state.ssm * C).sum(-1, keepdim=True), self.D, x_)  # (B, H, P, 1)
         attention = swin.attend_ring(*rotate_qkv(qkv, swin.num_heads, swin.num_kv_heads, swin.head_dim, *rope),
                                      position, cache.swin)
         return self._mix(z, y.to(x.dtype).movedim(-1, 1), attention, g)

@@ -36,8 +36,8 @@ import smolvlm
 import speed
 import toy
 from conftest import TINY_TEXT, oracle, tiny_text_config, tiny_text_dict
-from linmu import (MMATE, Chunking, FlexMA, KVCache, LocalSwin, LoRALinear, MixerConfig, PromptPlan, TokenLayout,
-                   add_lora, merge_lora, ssd_scan, trainable_parameters)
+from linmu import (MMATE, Chunking, FlexMA, FlexPrompt, KVCache, LocalSwin, LoRALinear, MixerConfig, PromptPlan,
+                   TokenLayout, add_lora, merge_lora, ssd_scan, trainable_parameters)
 from smolvlm import VLM, VisionConfig, VLMConfig, load_model, resolve_checkpoint, save_model
 from speed import Tuning, tune
 
@@ -276,6 +276,12 @@ def flex_reference(flex, u, visual):
 SMALL = Chunking(chunk_size=4, chunks_per_block=2)  # the tiny sequences below span several chunks and blocks
 
 
+def flex_prompt(flex, visual):
+    """What FlexMA reads of unpadded prompts with these visual tokens (B, L), as PromptPlan builds it."""
+    batch, length = visual.shape
+    return FlexPrompt.build(visual, torch.full((batch,), length), length, flex.conv_forward.kernel_size[0])
+
+
 def tiny_flex(seed=0, conv_kernel=3):
     torch.manual_seed(seed)
     flex = FlexMA(d_model=12, heads=2, head_dim=3, cfg=MixerConfig(conv_kernel=conv_kernel)).double()
@@ -300,7 +306,7 @@ VISUAL = torch.tensor([[0, 1, 1, 1, 0, 0, 1, 1, 1, 1, 0, 1, 0, 0, 0]], dtype=tor
 def test_flex_ma_matches_its_definition(piece):
     flex = tuned(tiny_flex(), piece, 4)
     u = torch.randn(1, VISUAL.shape[1], 12, dtype=torch.float64)
-    out, _ = flex(u, VISUAL, None, SMALL)
+    out, _ = flex(u, flex_prompt(flex, VISUAL), None, SMALL)
     assert torch.allclose(out, flex_reference(flex, u, VISUAL), rtol=0, atol=1e-10)
 
 
@@ -314,11 +320,11 @@ def test_flex_ma_text_is_causal_and_visual_is_bidirectional(rotary):
     grids = [(1, 1, 3), (2, 2, 1), (1, 1, 1)]  # VISUAL's runs of 3, 4 and 1 visual tokens
     scan = linmu.major_order(TokenLayout.build(VISUAL.long(), 1, [grids]), (3, 2, 1)) if rotary else None
     assert rotary == (scan is not None and not torch.equal(scan[0], torch.arange(VISUAL.shape[1])[None]))
-    base, _ = flex(u, VISUAL, scan, SMALL)
+    base, _ = flex(u, flex_prompt(flex, VISUAL), scan, SMALL)
     for changed in range(VISUAL.shape[1]):
         v = u.clone()
         v[:, changed] += 1.0
-        out, _ = flex(v, VISUAL, scan, SMALL)
+        out, _ = flex(v, flex_prompt(flex, VISUAL), scan, SMALL)
         moved = (out - base).abs().amax(-1)[0] > 1e-9
         assert moved[changed:].all(), changed
         if VISUAL[0, changed]:
@@ -334,9 +340,10 @@ def test_rotary_major_scan_lays_each_grid_out_in_its_major_order():
     cells = layout.cells[0].tolist()
     for axes in linmu.MAJOR_ORDERS:
         order, inverse = linmu.major_order(layout, axes)
-        positions = torch.arange(len(visual)).expand(2, -1)
-        assert torch.equal(order.gather(1, inverse), positions) and torch.equal(inverse.gather(1, order), positions)
+        positions = torch.arange(2 * len(visual)).view(2, -1)  # flat: sequence 1's start after sequence 0's
+        assert torch.equal(order.flatten()[inverse], positions) and torch.equal(inverse.flatten()[order], positions)
         assert torch.equal(order[:, ~visual], positions[:, ~visual])  # text stays where it is
+        assert torch.equal(order[1] - len(visual), order[0])  # each sequence's tokens stay its own
         for g in range(len(grids)):  # the grid's positions, in turn, hold its tokens in the major order
             slots = [i for i, c in enumerate(cells) if c[0] == g]
             scanned = [tuple(cells[j][a] for a in axes) for j in order[0, slots].tolist()]
@@ -350,11 +357,12 @@ def test_flex_ma_with_rotary_scan_is_flex_ma_on_the_permuted_sequence():
     layout = layout_of(visual, grids)
     u = torch.randn(1, len(visual), 12, dtype=torch.float64)
     order, inverse = linmu.major_order(layout, (2, 3, 1))
-    out, cache = flex(u, layout.visual, (order, inverse), SMALL)
-    scanned, scanned_cache = flex(u[:, order[0]], layout.visual, None, SMALL)  # the definition: scan it permuted
+    prompt = flex_prompt(flex, layout.visual)
+    out, cache = flex(u, prompt, (order, inverse), SMALL)
+    scanned, scanned_cache = flex(u[:, order[0]], prompt, None, SMALL)  # the definition: scan it permuted
     assert torch.allclose(out, scanned[:, inverse[0]], rtol=0, atol=1e-12)
     assert torch.allclose(cache.ssm, scanned_cache.ssm, rtol=0, atol=1e-12)
-    assert not torch.allclose(out, flex(u, layout.visual, None, SMALL)[0], atol=1e-6)  # the order matters
+    assert not torch.allclose(out, flex(u, prompt, None, SMALL)[0], atol=1e-6)  # the order matters
 
 
 @pytest.mark.parametrize("conv_kernel", [3, 1])  # 1: no convolution inputs to carry
@@ -362,9 +370,9 @@ def test_flex_ma_prefill_then_steps_equals_full_pass(conv_kernel):
     flex = tiny_flex(conv_kernel=conv_kernel)
     visual = torch.cat([VISUAL, torch.zeros(1, 6, dtype=torch.bool)], 1)
     u = torch.randn(2, visual.shape[1], 12, dtype=torch.float64)
-    full, final = flex(u, visual.expand(2, -1), None, SMALL)
+    full, final = flex(u, flex_prompt(flex, visual.expand(2, -1)), None, SMALL)
     prompt = VISUAL.shape[1]
-    out, cache = flex(u[:, :prompt], VISUAL.expand(2, -1), None, SMALL)
+    out, cache = flex(u[:, :prompt], flex_prompt(flex, VISUAL.expand(2, -1)), None, SMALL)
     steps = [out]
     for t in range(prompt, visual.shape[1]):
         steps.append(flex.step(u[:, t:t + 1], cache))  # the cache is updated in place
@@ -388,8 +396,8 @@ def test_flex_ma_gradients_match_finite_differences_in_both_directions():
     grids = [(1, 1, 3), (2, 2, 1), (1, 1, 1)]  # VISUAL's runs of 3, 4 and 1 visual tokens
     scan = linmu.major_order(TokenLayout.build(VISUAL.long(), 1, [grids]), (3, 2, 1))
     u = torch.randn(1, VISUAL.shape[1], 12, dtype=torch.float64, requires_grad=True)
-    params, run = parameters_as_inputs(flex)
-    assert torch.autograd.gradcheck(lambda u, *p: run(p, u, VISUAL, scan, SMALL)[0], (u, *params), fast_mode=True)
+    params, run, prompt = *parameters_as_inputs(flex), flex_prompt(flex, VISUAL)
+    assert torch.autograd.gradcheck(lambda u, *p: run(p, u, prompt, scan, SMALL)[0], (u, *params), fast_mode=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -517,7 +525,8 @@ def test_mmate_mixes_its_branches_with_a_per_token_sigmoid_gate(piece):
     plan = plan_of(layout, cfg, 4, torch.float64)
     out, _ = layer(x, plan)
     g = 1 / (1 + torch.exp(-(x @ layer.gate.weight.T + layer.gate.bias)))  # (1, L, 1), written out by hand
-    flex, swin = layer.flex(x, layout.visual, None, SMALL)[0], layer.swin(x, plan.rope, plan.windows)[0]  # tested above
+    flex = layer.flex(x, flex_prompt(layer.flex, layout.visual), None, SMALL)[0]  # tested above
+    swin = layer.swin(x, plan.rope, plan.windows)[0]
     assert g.std() > 0.1  # the gate really differs between tokens
     assert torch.allclose(out, g * flex + (1 - g) * swin, rtol=0, atol=1e-12)
 
@@ -697,9 +706,11 @@ def layer_operations(mixer: MixerConfig | None, tuning: Tuning, frames: int = 4)
 def test_fused_layers_take_fewer_operations_for_teacher_and_student_alike():
     """CUDA's tuning fuses both models' projections (on a GPU each aten operation is a kernel or more): every
     layer takes fewer operations, as many whatever the prompt's length, and the student's step as many
-    matmuls and attentions as the teacher's. What remains between them is Flex-MA's own: its recurrence
-    (conv, state update, gated norm) in a step, its scan in a prefill; issue 25 asks for at most 1.3 and 3
-    times the teacher's operations, which these written in aten operations do not reach."""
+    matmuls and attentions as the teacher's (issue 25: at most 3 more). What depends on the prompt alone is
+    in its PromptPlan, out of the count. What remains between them is Flex-MA's own: its recurrence (conv,
+    state update, gated norm) in a step, its scan in a prefill. Issue 25 asks for at most 1.3 and 3 times
+    the teacher's operations; written in aten operations the student takes at most 1.6 and 4.25 times, the
+    bounds asserted here (the 3 in prefill would need the scan fused into fewer, larger operations)."""
     cuda, mixer = speed.TUNING["cuda"], MixerConfig(text_window=16)
     assert cuda.fused and cuda.piece_tokens is None
     models = {"teacher": None, "student": mixer}
@@ -713,8 +724,8 @@ def test_fused_layers_take_fewer_operations_for_teacher_and_student_alike():
     assert layer_operations(None, cuda, frames=12) == fused["teacher"]
     teacher, student = fused["teacher"], fused["student"]
     assert student["step"][1] <= teacher["step"][1] + 3, fused
-    assert student["step"][0] <= 1.7 * teacher["step"][0], fused
-    assert student["prefill"][0] <= 6.5 * teacher["prefill"][0], fused
+    assert student["step"][0] <= 1.6 * teacher["step"][0], fused
+    assert student["prefill"][0] <= 4.25 * teacher["prefill"][0], fused
 
 
 # ----------------------------------------------------------------------------------------------
