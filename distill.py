@@ -435,10 +435,11 @@ def train_stage(student: VLM, teacher: VLM, batch_at: Callable[[int], Batch], ev
     student trains wrapped in DDP. Evaluates every cfg.eval_every steps and at the end; rank 0 saves
     every cfg.save_every steps and at the end (if out_dir).
 
-    The host never waits for a step's work: a step's loss is read once the next step is queued (the
-    device still has that one to run), and before an evaluation or a checkpoint. So a NaN loss stops
-    the stage a step late, its weights already spoiled in memory, but never written: the last checkpoint
-    was saved after reading every loss before it.
+    The loop does not wait for a step's work to queue the next: a step's loss is read once the next step
+    is queued (the device still has that one to run), and before an evaluation or a checkpoint. So a NaN
+    loss stops the stage a step late, its weights already spoiled in memory, but never written: the last
+    checkpoint was saved after reading every loss before it. (Preparing each prompt still waits on the
+    device, PromptPlan.build.)
     With cfg.compile, the first step's batches run once through forward and backward before the first
     step, untimed as a step and timed as the compilation ("compile_seconds"; new kinds of prompt may
     still compile later, within their step's time).
@@ -502,9 +503,8 @@ def train_stage(student: VLM, teacher: VLM, batch_at: Callable[[int], Batch], ev
             queued = (step, terms, tokens)
             last = step + 1 == cfg.steps
             evaluating = eval_batches and not last and cfg.eval_every and (step + 1) % cfg.eval_every == 0
-            saving = (out_dir is not None and rank == 0
-                      and (last or (cfg.save_every and (step + 1) % cfg.save_every == 0)))
-            if last or evaluating or saving:
+            saving = out_dir is not None and (last or (cfg.save_every and (step + 1) % cfg.save_every == 0))
+            if last or evaluating or saving:  # on every rank alike: a NaN stops them at the same step
                 read(queued)
                 queued = None
             step_seconds.append(time.perf_counter() - started)
@@ -512,7 +512,7 @@ def train_stage(student: VLM, teacher: VLM, batch_at: Callable[[int], Batch], ev
                 student.eval()
                 report(cfg.stage, step + 1, evaluate(student, teacher, eval_batches), log)
                 student.train()
-            if saving:
+            if saving and rank == 0:
                 save_checkpoint(student, out_dir, source, params, optimizer, scheduler, step + 1, cfg)
     student.eval()
     if cfg.stage == 3:
