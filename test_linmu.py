@@ -1926,34 +1926,31 @@ def test_token_kl_is_a_per_token_mean_that_ignores_padding():
     assert torch.allclose(distill.token_kl(*longer, F.pad(mask, (0, 9)), 2.0), reference)
 
 
-def test_compiled_and_eager_losses_agree(pair, tmp_path):
-    """What `distill.py --compile` compiles (speed.compile_for_distillation: the teacher's vision and decoder
-    layers, the student's decoder layers, whole, with dynamic shapes) gives, in training, the eager stage-2
-    loss of a batch of two videos, and compiles one graph for each: the student's vision encoder never runs
-    (it reads the teacher's vision_states). The graphs are captured and traced for training as inductor gets
-    them, with the aot_eager backend, which generates no code (inductor's code: the next test), and on a
+def test_compiled_and_eager_losses_agree(pair, tmp_path, monkeypatch):
+    """`distill.py --compile`: a stage's steps with what speed.compile_for_distillation compiles (the teacher's
+    vision and decoder layers, the student's decoder layers, whole, with dynamic shapes) give the eager
+    stage-2 losses on two batches of two videos each, compiled before the first step (its time apart), one
+    graph for each: the student's vision encoder never runs (it reads the teacher's vision_states), and
+    evaluation, eager, compiles none. The graphs are captured whole (fullgraph) with dynamo's "eager" backend,
+    which runs them as captured: aot_eager's replay of the traced backward stops on a view that the traced
+    strides allow and the eager ones do not (RESULTS.md, "Compile"); inductor's code is the next test's. On a
     one-layer student: the graphs of the other layers' Rotary Major-Scan orders are the decoder-layers test's."""
     import distill
 
     teacher = load_model(write_tiny_checkpoint(tmp_path / "teacher", layers=1)).requires_grad_(False)
-    batch = pair[1](1)
-    assert batch["grids"] == [[(8, 4, 4)]] * 2
-    student = fresh_student(teacher)
-    cfg = distill.DistillConfig(stage=2)
-    distill.prepare_stage(student, cfg)
-    student.train()
-
-    def loss() -> torch.Tensor:
-        target = distill.teacher_pass(teacher, batch)
-        return distill.distill_loss(student, target, batch, cfg, distill.loss_normalizers(target, batch))[0]
-
-    eager = loss()
+    batches = [pair[1](1), pair[1](1)]
+    assert batches[0]["grids"] == [[(8, 4, 4)]] * 2
+    cfg = distill.DistillConfig(stage=2, steps=2, warmup=1)
+    eager = distill.train_stage(fresh_student(teacher), teacher, batches.__getitem__, [], cfg)
+    assert eager["compile_seconds"] is None
+    monkeypatch.setattr(distill, "compile_for_distillation",
+                        lambda student, teacher: speed.compile_for_distillation(student, teacher, backend="eager"))
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     with torch.fx.experimental._config.patch(use_duck_shape=True):  # undoes compile_layers' setting afterwards
-        speed.compile_for_distillation(student, teacher, backend="aot_eager")
-        compiled = loss()
-    assert compiled.requires_grad and abs(compiled.item() - eager.item()) < 1e-5
+        compiled = distill.train_stage(fresh_student(teacher), teacher, batches.__getitem__, batches[:1],
+                                       replace(cfg, compile=True))
+    assert compiled["compile_seconds"] > 0 and compiled["losses"] == pytest.approx(eager["losses"], rel=1e-5)
     # the teacher's vision layer and decoder layer, the student's M-MATE layer (its layer-local pass shares it)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
 
