@@ -749,9 +749,11 @@ class PromptPlan:
 
     rope: (cos, sin), each (B, L, Dh); flex: what Flex-MA reads of the prompt (FlexPrompt), None
     for the teacher; windows: this layer's Local-Swin windows, None for the teacher; scan: this layer's
-    Rotary Major-Scan (order, inverse), None to scan the prompt's own order (the teacher, without
-    rotary_scan or visual tokens, and the first of MAJOR_ORDERS); new_tokens: how many tokens the
-    decoding caches leave room for after the prompt; chunking: Flex-MA's scan's."""
+    Rotary Major-Scan (order, inverse), None to scan the prompt's own order (the teacher, a student
+    without rotary_scan, a prompt without visual tokens). With rotary_scan, the first of MAJOR_ORDERS,
+    the prompt's own, is an order too (ours: its two indexings cost little, and every layer of a
+    visual prompt runs one graph); new_tokens: how many tokens the decoding caches leave room for after
+    the prompt; chunking: Flex-MA's scan's."""
 
     rope: tuple[Tensor, Tensor]
     flex: FlexPrompt | None
@@ -772,8 +774,8 @@ class PromptPlan:
         flex = FlexPrompt.build(layout.visual if has_visual else None, layout.lengths, layout.visual.shape[1],
                                 mixer.conv_kernel)
         patterns = [layer_pattern(index) for index in range(layers)]
-        scans = {order: major_order(layout, MAJOR_ORDERS[order]) if order and mixer.rotary_scan and has_visual else None
-                 for order in {pattern["scan_order"] for pattern in patterns}}  # order 0 is the prompt's own
+        scans = {order: major_order(layout, MAJOR_ORDERS[order]) if mixer.rotary_scan and has_visual else None
+                 for order in {pattern["scan_order"] for pattern in patterns}}
         dtype = rope[0].dtype  # the queries' (TextModel.plan): the windows' additive masks are in it
         text = text_windows(layout, mixer.text_window, dtype) if has_text else None
         shape = (mixer.window_frames, mixer.window_rows, mixer.window_cols)

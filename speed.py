@@ -370,14 +370,13 @@ def compile_model(model: VLM, backend: str = "inductor") -> None:
     compilation serves prompts of every length: a layer reads only tensors and the PromptPlan,
     and never waits on the host. The layers of a model share their compiled code, since what
     differs between them is data (PromptPlan): compiling costs seconds per graph, not per layer. A
-    student's prefill has a graph for visual prompts with and without a Rotary Major-Scan order,
-    and one for text-only prompts; every step one. The decoding step is compiled layer by layer for
-    that reason (compiled whole, 30 layers' steps make one graph, slow to compile: RESULTS.md,
-    "Compile"). On CUDA the step around them is then recorded as a CUDA graph (decoder).
+    student's prefill has a graph for visual prompts and one for text-only prompts; every step one.
+    The decoding step is compiled layer by layer for that reason (compiled whole, 30 layers' steps
+    make one graph, slow to compile: RESULTS.md, "Compile"). On CUDA the step around them is then
+    recorded as a CUDA graph (decoder).
     On a CPU, whose pieces (Tuning) are a loop that dynamo unrolls, each kind of prompt has a graph
-    per number of pieces, and dynamo allows 8 graphs per function: a student's visual prompts (two
-    kinds) compile up to four pieces (8,192 tokens), fewer once text-only prompts come too, and
-    then fail (fullgraph).
+    per number of pieces, and dynamo allows 8 graphs per function: a student's visual and text-only
+    prompts compile up to four pieces (8,192 tokens) each, and then fail (fullgraph).
     backend: torch.compile's (the tests trace the same graphs with "aot_eager", which generates no code)."""
     compile_layers([*model.model.vision_model.encoder.layers, *model.model.text_model.layers], backend)
     for layer in model.model.text_model.layers:
@@ -389,7 +388,7 @@ def compile_for_distillation(student: VLM, teacher: VLM, backend: str = "inducto
     layers (inference) and the student's decoder layers (training); not the student's vision encoder,
     which never runs (the student reads the teacher's vision_states: the same frozen weights), nor
     decoding steps. The student's layers make a graph each for inputs with and without gradients (its
-    stream past the first layer; the teacher's hidden states) and each kind of prompt (compile_model)."""
+    stream past the first layer; the teacher's hidden states), for each kind of prompt (compile_model)."""
     compile_layers([*teacher.model.vision_model.encoder.layers, *teacher.model.text_model.layers,
                     *student.model.text_model.layers], backend)
 

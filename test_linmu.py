@@ -618,8 +618,8 @@ def test_prefill_calls_a_fixed_number_of_torch_operations_whatever_the_length(pi
 def test_decoder_layers_compile_whole_and_serve_every_prompt_length(fused):
     """fullgraph: no graph break (nothing waits on the host); dynamic: one compilation serves every
     length. The layers share their graphs, since what differs between layers is in their plans: a
-    student compiles one for visual prompts read in their own order, one for visual prompts in
-    another Rotary Major-Scan order and one for text-only prompts, the teacher one for all: within
+    student compiles one for visual prompts, whatever their Rotary Major-Scan order, and one for
+    text-only prompts, the teacher one for all: within
     dynamo's limit of 8 recompilations, which the compile variant of bench.py (an image, videos,
     then text) used to exceed. The same for fused layers (CUDA's tuning)."""
     torch._dynamo.reset()
@@ -645,7 +645,7 @@ def test_decoder_layers_compile_whole_and_serve_every_prompt_length(fused):
                 compiled = [layer(h, plan)[0] for layer, plan in zip(model.layers, plans)]
                 assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(eager, compiled))
         if i == 1:
-            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3 + 1  # the student's, the teacher's
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2 + 1  # the student's, the teacher's
 
 
 def test_with_a_cpus_pieces_compiled_layers_compile_once_per_number_of_pieces_not_per_length():
@@ -2563,12 +2563,12 @@ def test_a_distillation_steps_flops_are_what_flop_counter_mode_counts(pair, targ
             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention_flops}) as counter:
         distill.accumulate_gradients(student, teacher, [batch], cfg)
     flex = replace(student.config, linmu=replace(student.config.linmu, branches="flex"))
-    conv = sum(flops.decoder_flops(flex, 2, ids == teacher.config.image_token_id, grids, settings, len(ids))["flex conv"]
+    image = teacher.config.image_token_id
+    conv = sum(flops.decoder_flops(flex, 2, ids == image, grids, settings, len(ids))["flex conv"]
                for ids, grids in zip(batch["input_ids"], batch["grids"]))
     passes = 2 if target == "layer" else 1  # each: the forward, the backward's inputs and weights
-    counted = counter.get_total_flops()
-    assert counted > 0 and distill.step_flops(teacher.config, student.config, batch, cfg, settings) - 3 * passes * conv \
-        == counted
+    counted, work = counter.get_total_flops(), distill.step_flops(teacher.config, student.config, batch, cfg, settings)
+    assert counted > 0 and work - 3 * passes * conv == counted
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
