@@ -875,7 +875,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     check_bounds(args, at_least={"steps": 1, "batch_size": 1, "grad_accum": 1, "workers": 0, "warmup": 0,
                                  "weight_decay": 0, "hidden_weight": 0, "kl_weight": 0, "lora_rank": 1, "eval_every": 0,
                                  "save_every": 0, "eval_samples": 1, "synthetic_samples": 1},
-                 above={"lr": 0, "clip": 0, "temperature": 0})
+                 above={"lr": 0, "clip": 0, "temperature": 0, "peak_tflops": 0})
     return args
 
 

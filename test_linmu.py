@@ -2352,6 +2352,8 @@ MISTAKES = [  # (command, flags, what the error line says); {name} is a path of 
     pytest.param("distill.py", [*STAGE, "--batch-size", "0"], "--batch-size must be at least 1",
                  id="distill-zero-batch"),
     pytest.param("distill.py", [*STAGE, "--lr", "0"], "--lr must be more than 0", id="distill-zero-lr"),
+    pytest.param("distill.py", ["--smoke", "--peak-tflops", "-1"], "--peak-tflops must be more than 0",
+                 id="distill-negative-peak"),
     pytest.param("distill.py", [*STAGE, "--device", "cuda:99"], "no such device", id="distill-unknown-device"),
     pytest.param("distill.py", ["--stage", "1", "--student", "{teacher}", "--teacher", "{teacher}", "--out", "{out}"],
                  "where a LinMU student is needed", id="distill-teacher-as-student"),
