@@ -662,19 +662,19 @@ class LocalWindows:
     def build(cls, layout: TokenLayout, text: Windows | None, swin: Windows | None, text_window: int) -> LocalWindows:
         batch, length = layout.visual.shape
         device = layout.visual.device
-        source = torch.empty(batch * length, dtype=torch.long, device=device)  # (B * L,)
-        start = 0
-        for windows in [w for w in (text, swin) if w is not None]:
-            slots = windows.writes.flatten().nonzero().squeeze(1)  # the query slots that give a token's output
-            source[windows.queries.flatten()[slots]] = start + slots
-            start += windows.writes.numel()
         # the ring: position p in slot p mod W. Of a sequence of n real tokens, slot s holds the p = s mod W
         # in [n - W, n): the last W - 1 real tokens, and in slot n mod W the one the next token overwrites
         # (slots of positions before the prompt, p < 0, get any finite values: masked until overwritten)
         n = layout.lengths[:, None]
         held = n - text_window + (torch.arange(text_window, device=device) - n) % text_window  # (B, W)
         ring = torch.arange(batch, device=device)[:, None] * length + held.clamp(min=0)
-        return cls(text, swin, source.view(batch, length), ring)
+        built = cls(text, swin, torch.empty(batch, length, dtype=torch.long, device=device), ring)
+        source, start = built.source.view(-1), 0  # (B * L,), filled in place
+        for windows in built.present:
+            slots = windows.writes.flatten().nonzero().squeeze(1)  # the query slots that give a token's output
+            source[windows.queries.flatten()[slots]] = start + slots
+            start += windows.writes.numel()
+        return built
 
 
 def window_attention(q: Tensor, k: Tensor, v: Tensor, windows: Windows) -> Tensor:
