@@ -274,12 +274,11 @@ def peak_rates(args, device: torch.device, dtype: torch.dtype) -> dict:
     """The device's peak TFLOP/s (dense, for dtype) and memory GB/s, None where not known, and a line saying where they
     come from: --peak-tflops and --peak-gbs, else configs/cards.json's entry for a CUDA card (its bfloat16 figure, so
     TFLOP/s for bfloat16 only); a CPU has none unless the flags give them."""
-    entry = flops.card_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    card = f"{flops.CARDS.parent.name}/{flops.CARDS.name}: {entry[0]}" if entry else None
+    entry = flops.device_peak(device)
     tflops, tflops_from = ((args.peak_tflops, "--peak-tflops") if args.peak_tflops else
-                           (entry[1]["tflops"], card) if entry and dtype == torch.bfloat16 else (None, None))
+                           (entry[0]["tflops"], entry[1]) if entry and dtype == torch.bfloat16 else (None, None))
     gbs, gbs_from = ((args.peak_gbs, "--peak-gbs") if args.peak_gbs else
-                     (entry[1]["gbs"], card) if entry else (None, None))
+                     (entry[0]["gbs"], entry[1]) if entry else (None, None))
     if tflops is None and gbs is None:
         line = "peak unknown: pass --peak-tflops/--peak-gbs"
     else:

@@ -525,12 +525,10 @@ def train_stage(student: VLM, teacher: VLM, batch_at: Callable[[int], Batch], ev
 
 
 def compile_on(model: VLM | DistributedDataParallel, teacher: VLM, batches: list[Batch], cfg: DistillConfig) -> float:
-    """Run a step's forward and backward on its batches, its gradients then dropped, and wait for them:
-    the seconds torch.compile's first compilation takes (with one such pass)."""
+    """Run a step's forward and backward on its batches and wait for them: the seconds torch.compile's first
+    compilation takes (with one such pass). The step's own zero_grad then drops these gradients."""
     started = time.perf_counter()
     accumulate_gradients(model, teacher, batches, cfg)
-    for p in model.parameters():
-        p.grad = None
     device = next(teacher.parameters()).device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -790,8 +788,8 @@ def peak_tflops(args: argparse.Namespace, device: torch.device) -> tuple[float |
     figure (the precision distill.py trains in there) in configs/cards.json; (None, None) on a CPU."""
     if args.peak_tflops:
         return args.peak_tflops, "--peak-tflops"
-    entry = flops.card_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    return (entry[1]["tflops"], f"{flops.CARDS.parent.name}/{flops.CARDS.name}: {entry[0]}") if entry else (None, None)
+    entry = flops.device_peak(device)
+    return (entry[0]["tflops"], entry[1]) if entry else (None, None)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -112,6 +112,13 @@ def vision_flops(config: VLMConfig, images: int) -> dict[str, int]:
             "connector": images * 2 * n * D * config.text.hidden_size}  # n / s^2 tokens of s^2 D features
 
 
+def device_peak(device: torch.device) -> tuple[dict, str] | None:
+    """A CUDA device's entry in configs/cards.json, (figures, where they come from); None on a CPU or for a
+    card the table does not know."""
+    entry = card_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    return (entry[1], f"{CARDS.parent.name}/{CARDS.name}: {entry[0]}") if entry else None
+
+
 def card_peak(name: str) -> tuple[str, dict] | None:
     """The entry of configs/cards.json for a device name, (card, figures): the longest card name that occurs in it
     as whole words; None for a card the table does not know."""
