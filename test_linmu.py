@@ -1974,6 +1974,20 @@ def test_inductor_compiles_an_m_mate_layer_to_its_eager_result():
             assert torch.allclose(layer(h, plan)[0], layer.forward(h, plan)[0], rtol=0, atol=1e-5)
 
 
+def test_a_student_whose_vision_encoder_is_not_the_teachers_is_refused(pair):
+    """Distillation runs the vision encoder once, the teacher's, for both models: a student converted from the
+    teacher passes, one whose encoder differs in a single weight is refused with the fix."""
+    import distill
+
+    teacher = pair[0]
+    student = fresh_student(teacher)
+    distill.check_shared_vision(student, teacher)
+    with torch.no_grad():
+        next(student.model.vision_model.parameters()).view(-1)[0] += 1
+    with pytest.raises(cli.InputError, match="pass the --teacher the student was converted from"):
+        distill.check_shared_vision(student, teacher)
+
+
 def test_distill_command_line_names_the_missing_step(tmp_path, capsys):
     import distill
 
